@@ -1,0 +1,285 @@
+"""Typed configuration schemas, one dataclass per config group.
+
+The root schema is registered in Hydra's ConfigStore as ``ftdist_schema``; ``conf/config.yaml``
+lists it first in its defaults, so every group file and every command-line override is merged
+into a struct-mode typed config: an unknown key or a wrong type fails at compose time, before
+any model or data is touched. Cross-field rules live in ``validate`` and are checked right after
+composition, with messages that name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message names the key."""
+
+
+@dataclass
+class TinyModelSpec:
+    """A small random-init Llama built locally (no download) and cached on disk."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 1024
+    vocab_size: int = 1024  # target size of the locally trained byte-level BPE tokenizer
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A local directory or a hub name for from_pretrained; unused when `tiny` is set.
+    name_or_path: Optional[str] = None
+    # Set by model=tiny: build (once) and load a tiny local Llama instead of name_or_path.
+    tiny: Optional[TinyModelSpec] = None
+    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    dtype: str = "fp32"  # parameter dtype: fp32 | bf16
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataFields:
+    """Names of the row fields each format reads."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    input: Optional[str] = None  # optional context appended to the prompt (instruction)
+    messages: str = "messages"  # chat: list of {role, content}
+    text: str = "text"  # text: plain causal LM
+
+
+@dataclass
+class DataConfig:
+    # Local .jsonl/.json/.parquet/.csv file, a hub dataset name, or synthetic:NAME (demo tasks).
+    path: str = MISSING
+    format: str = "instruction"  # instruction | chat | text
+    fields: DataFields = field(default_factory=DataFields)
+    split: str = "train"  # split name for hub datasets
+    validation_path: Optional[str] = None  # a separate validation file; else val_fraction
+    val_fraction: float = 0.05  # seeded fraction held out when validation_path is unset
+    max_val_examples: Optional[int] = None  # cap on held-out rows (keeps evaluation cheap)
+    max_seq_len: int = MISSING
+    template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
+    train_on_prompt: bool = False
+    on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported)
+    num_synthetic_rows: int = 4000  # rows generated for synthetic:NAME sources
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"  # single | ddp
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
+    timeout_s: int = 600  # process-group timeout
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr, for cosine and linear
+    max_steps: Optional[int] = None  # optimizer steps; else derived from epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0  # null disables clipping
+    mixed_precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16) | bf16 | none
+    log_every_steps: int = 1
+    eval_every_steps: Optional[int] = None  # null: evaluate only at the start and the end
+    eval_at_start: bool = True
+    eval_batch_size: int = 8
+    save_final: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Task metrics computed by greedy generation on held-out rows (instruction and chat)."""
+
+    exact_match_samples: int = 0  # 0 disables exact-match evaluation
+    max_new_tokens: int = 64
+    batch_size: int = 32
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "none"  # none: metrics.jsonl and the console only
+
+
+@dataclass
+class FtdistConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    output_dir: str = MISSING
+    experiment_name: str = "default"
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "strategy": StrategyConfig,
+    "peft": PeftConfig,
+    "train": TrainConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="ftdist_schema", node=FtdistConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+CHOICES = {
+    "model.dtype": ("fp32", "bf16"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "data.format": ("instruction", "chat", "text"),
+    "data.template": ("auto", "chat", "plain"),
+    "data.on_bad_row": ("error", "skip"),
+    "strategy.name": ("single", "ddp"),
+    "strategy.backend": ("auto", "gloo", "nccl"),
+    "peft.method": ("none",),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("auto", "bf16", "none"),
+    "tracking.backend": ("none",),
+}
+
+POSITIVE = (
+    "data.max_seq_len",
+    "data.num_synthetic_rows",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.log_every_steps",
+    "train.eval_batch_size",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "strategy.timeout_s",
+)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: FtdistConfig) -> None:
+    """Cross-field checks on a composed config; raises ConfigError naming the key."""
+    for key in ("data.path", "data.max_seq_len", "output_dir"):
+        if OmegaConf.is_missing(cfg, key) if isinstance(cfg, DictConfig) else _get(cfg, key) is MISSING:
+            raise ConfigError(f"{key} must be set (e.g. {key}=...)")
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is None or value <= 0:
+            raise ConfigError(f"{key} must be a positive integer (got {value!r})")
+    t = cfg.train
+    if t.lr < 0:
+        raise ConfigError(f"train.lr must be >= 0 (got {t.lr})")
+    if t.max_steps is not None and t.max_steps < 0:
+        raise ConfigError(f"train.max_steps must be >= 0 (got {t.max_steps})")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError("train.epochs must be > 0 when train.max_steps is unset")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm must be > 0 or null (got {t.max_grad_norm})")
+    if t.eval_every_steps is not None and t.eval_every_steps <= 0:
+        raise ConfigError(f"train.eval_every_steps must be > 0 or null (got {t.eval_every_steps})")
+    d = cfg.data
+    if d.validation_path is None and not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1) (got {d.val_fraction})")
+    if d.max_val_examples is not None and d.max_val_examples <= 0:
+        raise ConfigError(f"data.max_val_examples must be > 0 or null (got {d.max_val_examples})")
+    m = cfg.model
+    if m.tiny is None and not m.name_or_path:
+        raise ConfigError("model.name_or_path must be set (a local path or hub name), or use model=tiny")
+    if m.tiny is not None and d.max_seq_len > m.tiny.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_seq_len={d.max_seq_len} exceeds model.tiny.max_position_embeddings="
+            f"{m.tiny.max_position_embeddings}"
+        )
+    if cfg.eval.exact_match_samples < 0:
+        raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
+
+
+# --- command-line pre-check -------------------------------------------------------------------
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _nested_schema(f: dataclasses.Field) -> Optional[type]:
+    """The dataclass type a field holds (through Optional), or None for a leaf."""
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, globals())  # noqa: S307 (own types)
+    for candidate in (tp, *getattr(tp, "__args__", ())):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ("experiment",)) -> None:
+    """Reject `key=value` overrides whose key the schema does not have, naming the valid keys.
+
+    Hydra rejects them too, but its message does not list the valid keys; this runs first.
+    Group selections (`model=tiny`, `+experiment=x`), deletions and hydra.* keys are left to Hydra.
+    """
+    for raw in overrides:
+        if "=" not in raw or raw.startswith(("hydra.", "~", "--")):
+            continue
+        key = raw.split("=", 1)[0].lstrip("+")
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        parts = key.split(".")
+        if len(parts) == 1 and (parts[0] in GROUP_SCHEMAS or parts[0] in groups):
+            continue  # a group choice
+        schema: Optional[type] = FtdistConfig
+        path: list[str] = []
+        for part in parts:
+            fields = _schema_fields(schema)
+            if part not in fields:
+                where = ".".join(path) or "the top level"
+                raise ConfigError(
+                    f"unknown config key '{key}': '{part}' is not a key of {where}. "
+                    f"Valid keys there: {', '.join(sorted(fields))}"
+                )
+            path.append(part)
+            schema = _nested_schema(fields[part])
+            if schema is None:
+                break

@@ -1,0 +1,111 @@
+"""A tiny Llama and its tokenizer, built locally with no download and cached on disk.
+
+The cache holds an ordinary Hugging Face model directory (config, safetensors weights,
+tokenizer with a chat template), so everything downstream goes through the same
+`from_pretrained` path as a real model. Concurrent builders (torchrun ranks, parallel tests)
+each write a private temp directory and rename it into place; the first rename wins and the
+others discard theirs, so all readers see one complete directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ftdist.config import TinyModelSpec
+from ftdist.data.synthetic import tokenizer_corpus
+
+BUILD_VERSION = 1  # bump when the build below changes, so old caches are not reused
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+# Turns are delimited by special tokens, so a prefix of the conversation always tokenizes to
+# a prefix of the ids (the property response-only label masking relies on).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTDIST_CACHE", Path.home() / ".cache" / "ftdist"))
+
+
+def spec_dir(spec: TinyModelSpec) -> Path:
+    key = json.dumps({"v": BUILD_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+    return cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(spec: TinyModelSpec, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config)
+
+
+def ensure_tiny_model(spec: TinyModelSpec) -> str:
+    """Path of the cached tiny model directory for `spec`, building it on first use."""
+    final = spec_dir(spec)
+    if (final / "done").exists():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        tokenizer = build_tokenizer(spec.vocab_size)
+        model = build_model(spec, tokenizer)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "done").write_text("complete\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "done").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)

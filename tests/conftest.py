@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny local model/tokenizer (built once per machine, cached on disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    from ftdist.config import TinyModelSpec
+    from ftdist.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(TinyModelSpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """A byte-level BPE tokenizer with a chat template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def plain_tokenizer(tiny_model_dir):
+    """The same tokenizer without a chat template (exercises the plain instruction template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    return tok
+
+
+def shared_dataset(relative: str) -> Path:
+    path = SHARED_DATASETS / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/datasets is not beside the checkout)")
+    return path
