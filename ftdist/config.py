@@ -30,7 +30,7 @@ class TinyModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 4096
     vocab_size: int = 1024  # target size of the locally trained byte-level BPE tokenizer
     seed: int = 0
 
@@ -283,3 +283,23 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ("experi
             schema = _nested_schema(fields[part])
             if schema is None:
                 break
+
+
+def check_known_keys(dcfg: DictConfig, schema: type = FtdistConfig, prefix: str = "") -> None:
+    """Reject keys the schema lacks in a composed config.
+
+    Struct mode stops most of them, but Hydra's force-add (`+train.lrr=1`) gets through and
+    OmegaConf.to_object would then drop the key silently.
+    """
+    fields = _schema_fields(schema)
+    for key in dcfg.keys():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{full}'. Valid keys of {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(sorted(fields))}"
+            )
+        nested = _nested_schema(fields[key])
+        value = dcfg._get_node(key)
+        if nested is not None and isinstance(value, DictConfig) and not value._is_none():
+            check_known_keys(value, nested, f"{full}.")

@@ -1,0 +1,105 @@
+"""Which examples each rank trains on at each step, and how they become padded tensors.
+
+The order is defined once for the whole job, independent of world size and accumulation: an
+endless stream of seeded per-epoch permutations, cut into global batches of
+`world_size * grad_accum_steps * micro_batch_size` examples. Optimizer step s always gets the
+same examples, so 2 ranks x micro 2 trains on exactly what 1 process x micro 2 x accum 2 does,
+and resuming at step s needs nothing but s. An epoch boundary may fall inside a global batch;
+no example is ever dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ftdist.data.prepare import Example
+
+IGNORE_INDEX = -100
+
+
+class GlobalBatchSampler:
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int, shuffle: bool = True):
+        if num_examples <= 0:
+            raise ValueError("no training examples")
+        self.n = num_examples
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if self.shuffle:
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            else:
+                self._perms[epoch] = np.arange(self.n)
+            self._perms.pop(epoch - 2, None)  # steps only move forward; keep memory flat
+        return self._perms[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        start = step * self.global_batch_size
+        out = []
+        for pos in range(start, start + self.global_batch_size):
+            out.append(int(self._perm(pos // self.n)[pos % self.n]))
+        return out
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.global_batch_size / self.n
+
+    def rank_micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of example indices) for optimizer `step`."""
+        indices = self.global_indices(step)
+        per_rank = self.global_batch_size // world_size
+        mine = indices[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    num_tokens: int  # real (non-padding) tokens
+    num_label_tokens: int  # tokens that carry a loss after the next-token shift
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.num_tokens,
+            self.num_label_tokens,
+        )
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
+    """Right-pad to the longest example; padding gets no attention and no label."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        num_tokens=int(mask.sum()),
+        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+    )
+
+
+def eval_batches(examples: Sequence[Example], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of the validation set, grouped by length to waste little padding.
+
+    eval_loss is a token-weighted sum over all shards, so how rows are grouped does not matter.
+    """
+    mine = sorted(range(rank, len(examples), world_size), key=lambda i: len(examples[i].input_ids))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

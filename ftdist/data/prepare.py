@@ -1,0 +1,178 @@
+"""From `data.*` config to tokenized train and validation examples, with a full account.
+
+Every row read ends in exactly one place: an example of its split, a bad row of a named kind,
+or `dropped_no_labels` (nothing left to learn after truncation). `DataReport` holds those
+counts, so for each split `rows == sum(bad_rows) + dropped_no_labels + examples`.
+
+The hold-out split is chosen over rows, by row index, from (number of rows, seed) alone: every
+rank computes the same split, and changing the tokenizer or max_seq_len cannot move a row
+between train and validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+from ftdist.config import DataConfig
+from ftdist.data.formats import IGNORE, Example, RowEncoder
+from ftdist.data.sources import BadRow, DataError, Row, read_rows
+
+__all__ = ["DataError", "DataReport", "Example", "prepare_data"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataReport:
+    source: str
+    validation_source: str  # the validation file, "holdout" or "none"
+    template: str  # chat | plain | none (text format)
+    rows_read: int = 0  # all rows read, both splits
+    train_rows: int = 0
+    val_rows: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)  # train split, kind -> count
+    val_bad_rows: dict[str, int] = field(default_factory=dict)
+    bad_row_examples: dict[str, str] = field(default_factory=dict)  # kind -> first "location: detail"
+    truncated: int = 0  # train examples cut to max_seq_len (kept when labels remain)
+    val_truncated: int = 0
+    dropped_no_labels: int = 0  # train examples with no label left after truncation
+    val_dropped_no_labels: int = 0
+    train_examples: int = 0
+    val_examples: int = 0
+    train_tokens: int = 0
+    train_label_tokens: int = 0  # tokens that carry a loss (after the trainer's shift)
+    val_tokens: int = 0
+    val_label_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_Dropped = object()  # outcome of a row whose example lost every label to truncation
+_Outcome = Union[Example, BadRow, object]
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataReport]:
+    """Read, format, truncate and split the data; raises DataError on the first bad row
+    (on_bad_row=error) or when a split that should have examples ends up with none."""
+    if cfg.on_bad_row not in ("error", "skip"):
+        raise DataError(f"data.on_bad_row={cfg.on_bad_row!r} is not one of error, skip")
+    encoder = RowEncoder(cfg, tokenizer)
+    holdout = cfg.validation_path is None and cfg.val_fraction > 0
+    report = DataReport(
+        source=cfg.path,
+        validation_source=cfg.validation_path or ("holdout" if holdout else "none"),
+        template=encoder.template_name,
+    )
+    outcomes = _encode_rows(read_rows(cfg.path, cfg.split, cfg.num_synthetic_rows, seed), encoder, cfg, report)
+    if cfg.validation_path is not None:
+        val_rows = read_rows(cfg.validation_path, cfg.split, cfg.num_synthetic_rows, seed)
+        train_out, val_out = outcomes, _encode_rows(val_rows, encoder, cfg, report)
+    else:
+        held = holdout_indices(len(outcomes), cfg.val_fraction if holdout else 0.0, cfg.max_val_examples, seed)
+        train_out = [o for i, o in enumerate(outcomes) if i not in held]
+        val_out = [o for i, o in enumerate(outcomes) if i in held]
+    train = _tally(train_out, report, prefix="")
+    val = _tally(val_out, report, prefix="val_")
+    report.rows_read = report.train_rows + report.val_rows
+    _warn_bad_rows(report)
+    _check_not_empty(report, cfg)
+    log.info("data: %s", report.to_dict())
+    return train, val, report
+
+
+def holdout_indices(n: int, fraction: float, max_examples: Optional[int], seed: int) -> set[int]:
+    """Row indices held out for validation: min(round(fraction * n), max_examples) of them.
+
+    Rows capped away by max_examples stay in training rather than vanish unaccounted.
+    """
+    k = round(fraction * n)
+    if max_examples is not None:
+        k = min(k, max_examples)
+    # A string seed hashes the same in every process (unlike hash()), so all ranks agree.
+    return set(random.Random(f"ftdist-holdout:{seed}").sample(range(n), k))
+
+
+def _encode_rows(rows: list[Row], encoder: RowEncoder, cfg: DataConfig, report: DataReport) -> list[_Outcome]:
+    return [_encode_row(row, encoder, cfg, report) for row in rows]
+
+
+def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataReport) -> _Outcome:
+    try:
+        if row.problem is not None:
+            raise row.problem
+        example = encoder(row.value)
+    except BadRow as bad:
+        if cfg.on_bad_row == "error":
+            raise DataError(f"{row.location}: {bad} (data.on_bad_row=skip drops and counts such rows)") from None
+        report.bad_row_examples.setdefault(bad.kind, f"{row.location}: {bad.detail}")
+        return bad
+    except DataError as e:
+        raise DataError(f"{row.location}: {e}") from None
+    return _truncate(example, cfg.max_seq_len)
+
+
+def _truncate(example: Example, max_len: int) -> _Outcome:
+    """Keep the head; an example left with nothing to learn is dropped (and counted)."""
+    truncated = len(example.input_ids) > max_len
+    if truncated:
+        example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)
+    # labels[0] is never a target (the trainer predicts position t+1 from t), so it does not count.
+    if all(label == IGNORE for label in example.labels[1:]):
+        return _Dropped
+    return (example, truncated)
+
+
+def _tally(outcomes: list, report: DataReport, prefix: str) -> list[Example]:
+    examples: list[Example] = []
+    bad_rows = report.val_bad_rows if prefix else report.bad_rows
+    counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0}
+    for outcome in outcomes:
+        if isinstance(outcome, BadRow):
+            bad_rows[outcome.kind] = bad_rows.get(outcome.kind, 0) + 1
+        elif outcome is _Dropped:
+            counts["dropped_no_labels"] += 1
+        else:
+            example, truncated = outcome
+            examples.append(example)
+            counts["truncated"] += truncated
+            counts["tokens"] += len(example.input_ids)
+            counts["label_tokens"] += sum(label != IGNORE for label in example.labels[1:])
+    split = "val" if prefix else "train"
+    setattr(report, f"{split}_rows", len(outcomes))
+    setattr(report, f"{split}_examples", len(examples))
+    setattr(report, f"{split}_tokens", counts["tokens"])
+    setattr(report, f"{split}_label_tokens", counts["label_tokens"])
+    setattr(report, f"{prefix}truncated", counts["truncated"])
+    setattr(report, f"{prefix}dropped_no_labels", counts["dropped_no_labels"])
+    return examples
+
+
+def _warn_bad_rows(report: DataReport) -> None:
+    for name, counts in (("train", report.bad_rows), ("validation", report.val_bad_rows)):
+        if counts:
+            log.warning(
+                "skipped %d bad %s rows (data.on_bad_row=skip): %s; first of each kind: %s",
+                sum(counts.values()), name, counts, report.bad_row_examples,
+            )
+    for name, dropped in (("train", report.dropped_no_labels), ("validation", report.val_dropped_no_labels)):
+        if dropped:
+            log.warning("dropped %d %s examples with no labels left after truncation to data.max_seq_len",
+                        dropped, name)
+
+
+def _check_not_empty(report: DataReport, cfg: DataConfig) -> None:
+    def why(prefix: str) -> str:
+        bad = report.val_bad_rows if prefix else report.bad_rows
+        return (f"bad rows: {bad or 'none'}, dropped_no_labels: {getattr(report, prefix + 'dropped_no_labels')} "
+                f"(data.max_seq_len={cfg.max_seq_len})")
+
+    if report.train_examples == 0:
+        raise DataError(f"{cfg.path}: no training examples remain out of {report.train_rows} rows; {why('')}")
+    if cfg.validation_path is not None and report.val_examples == 0:
+        raise DataError(
+            f"{cfg.validation_path}: no validation examples remain out of {report.val_rows} rows; {why('val_')}"
+        )

@@ -1,0 +1,192 @@
+"""Data sources: turn `data.path` into rows, each tagged with where it came from.
+
+A source is a local .jsonl/.json/.parquet/.csv file, a hub dataset name (anything else that
+is not an existing file), or `synthetic:NAME`. Every row carries a location string
+(`data/train.jsonl:17`, `data/train.parquet:row 17`) so that any later complaint about the row
+can point at it. JSON files are parsed here rather than by `datasets` because only a parser
+we drive ourselves can report the line of a broken record and carry on past it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, the line or row, and why."""
+
+
+class BadRow(Exception):
+    """One malformed row. `kind` is a stable name that reports count by (e.g. `missing_field`)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Row:
+    location: str  # "path:line" or "path:row N", for messages
+    value: Any = None  # the parsed record; not necessarily a dict (formats check)
+    problem: Optional[BadRow] = None  # set when the record could not even be parsed
+
+
+def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0) -> list[Row]:
+    """All rows of `path`, in source order. Raises DataError when the source cannot be read."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return _synthetic_rows(path[len(SYNTHETIC_PREFIX):], num_synthetic_rows, seed)
+    if os.path.isfile(path):
+        return _local_rows(path)
+    if _looks_local(path):
+        raise DataError(f"data file not found: {path} (working directory: {os.getcwd()})")
+    return _hub_rows(path, split)
+
+
+def _looks_local(path: str) -> bool:
+    """True for a path the user meant as a file; a hub name like `openai/gsm8k` is not one."""
+    if path.lower().endswith(LOCAL_EXTENSIONS):
+        return True
+    return "/" in path and path.startswith((".", "/", "~"))
+
+
+def _local_rows(path: str) -> list[Row]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return list(_jsonl_rows(path))
+    if ext == ".json":
+        return _json_rows(path)
+    if ext in (".parquet", ".csv"):
+        return _datasets_file_rows(path, ext[1:])
+    raise DataError(f"{path}: unsupported data file type '{ext}'; use one of {', '.join(LOCAL_EXTENSIONS)}")
+
+
+def _jsonl_rows(path: str) -> Iterator[Row]:
+    with open(path, "rb") as f:
+        yield from _parse_lines(path, f)
+
+
+def _parse_lines(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
+    # Split on b"\n" only (not str.splitlines): U+2028 and friends may stand unescaped inside a
+    # JSON string, and splitting there would corrupt a valid record.
+    for lineno, raw in enumerate(lines, 1):
+        location = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Row(location, problem=BadRow("invalid_json", f"line is not valid UTF-8 (byte {e.start})"))
+            continue
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the record
+        if not line.strip():
+            continue
+        try:
+            yield Row(location, json.loads(line))
+        except json.JSONDecodeError as e:
+            yield Row(location, problem=BadRow("invalid_json", f"{e.msg} (column {e.colno})"))
+
+
+def _json_rows(path: str) -> list[Row]:
+    """A .json file holds either one array of records or JSON lines."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return list(_parse_lines(path, raw.split(b"\n")))
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: file is not valid UTF-8 (byte {e.start})") from None
+    return list(_json_array_rows(path, text, text.index("[") + 1))
+
+
+def _json_array_rows(path: str, text: str, pos: int) -> Iterator[Row]:
+    """Elements of a top-level JSON array, each located at the line where it starts.
+
+    A syntax error inside an array cannot be skipped (there is no reliable place to resume),
+    so it fails the whole file, with its line and column.
+    """
+    decoder = json.JSONDecoder()
+    newlines = [i for i, ch in enumerate(text) if ch == "\n"]
+
+    def skip_ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    pos = skip_ws(pos)
+    expect_value = text[pos:pos + 1] != "]"
+    while expect_value:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid_json: {e.msg} (column {e.colno})") from None
+        yield Row(f"{path}:{bisect.bisect_right(newlines, pos) + 1}", value)
+        pos = skip_ws(end)
+        sep = text[pos:pos + 1]
+        if sep not in (",", "]"):
+            line = bisect.bisect_right(newlines, pos) + 1
+            raise DataError(f"{path}:{line}: invalid_json: expected ',' or ']' after an array element")
+        pos = skip_ws(pos + 1)
+        expect_value = sep == ","
+    if text[pos:].strip():
+        line = bisect.bisect_right(newlines, pos) + 1
+        raise DataError(f"{path}:{line}: invalid_json: extra data after the top-level array")
+
+
+def _datasets_file_rows(path: str, builder: str) -> list[Row]:
+    import datasets
+
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        # CSV has no types: read every column as text (an answer "18" must stay a string) and
+        # keep empty cells as "" instead of pandas' NaN, so formats see what the file says.
+        header = _csv_header(path)
+        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                      keep_default_na=False)
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 (any reader failure becomes one clear message)
+        raise DataError(f"{path}: cannot read {builder} file: {type(e).__name__}: {e}") from None
+    # A CSV record's line is its index + 2 (1-based, after the header) when no field spans lines.
+    where = (lambda i: f"{path}:{i + 2}") if builder == "csv" else (lambda i: f"{path}:row {i + 1}")
+    return [Row(where(i), record) for i, record in enumerate(ds)]
+
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataError(f"{path}:1: csv file has no header row")
+    return header
+
+
+def _hub_rows(name: str, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 (network, auth and missing-split errors alike)
+        raise DataError(
+            f"cannot load dataset '{name}' (split '{split}'): it is not a local file, and loading it "
+            f"from the hub failed: {type(e).__name__}: {e}"
+        ) from None
+    return [Row(f"{name}[{split}]:row {i + 1}", record) for i, record in enumerate(ds)]
+
+
+def _synthetic_rows(name: str, n: int, seed: int) -> list[Row]:
+    from ftdist.data.synthetic import generate_rows
+
+    try:
+        rows = generate_rows(name, n, seed)
+    except ValueError as e:
+        raise DataError(f"{SYNTHETIC_PREFIX}{name}: {e}") from None
+    return [Row(f"{SYNTHETIC_PREFIX}{name}:row {i + 1}", r) for i, r in enumerate(rows)]

@@ -1,0 +1,63 @@
+"""Task metrics by greedy generation: exact match of the generated response.
+
+Used by the demo to compare the base model with the fine-tuned one, and available for any
+instruction or chat data (`eval.exact_match_samples=N`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftdist.config import EvalConfig
+from ftdist.data.prepare import Example
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Left padding keeps every prompt's last token at the same column, where generation starts.
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=_stop_ids(model, tokenizer),
+        )
+        new_tokens = generated[:, ids.shape[1] :]
+        out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return out
+
+
+def exact_match(model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy) -> tuple[float, float]:
+    """(correct, total) over the first `cfg.exact_match_samples` examples, summed over ranks."""
+    usable = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
+    usable = usable[: cfg.exact_match_samples]
+    mine = usable[strategy.rank :: strategy.world_size]
+    correct = 0
+    if mine:
+        texts = generate_responses(model, tokenizer, [e.prompt_ids for e in mine], cfg, strategy.device)
+        correct = sum(t.strip() == e.reference.strip() for t, e in zip(texts, mine))
+    total_correct, total = strategy.all_reduce_sum([correct, len(mine)])
+    return total_correct, total

@@ -1,0 +1,67 @@
+"""Load a causal LM and its tokenizer through `from_pretrained`, for hub names and local paths.
+
+The tiny model goes through the same path: it is built into a cache directory first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ftdist.config import ConfigError, ModelConfig
+from ftdist.model.tiny import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    return ensure_tiny_model(cfg.tiny) if cfg.tiny is not None else str(cfg.name_or_path)
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or model_path or resolve_model_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"model.tokenizer / model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
+    if tok.pad_token_id is None:
+        # Padding positions never carry labels or attention, so any id works; eos is standard.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(cfg, path)
+    dtype = DTYPES[cfg.dtype]
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP and with frozen inputs (PEFT later).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # caches are for generation, not training
+    return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=path)

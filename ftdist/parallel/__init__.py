@@ -1,0 +1,21 @@
+"""Parallel strategies behind one interface (see base.Strategy)."""
+
+from __future__ import annotations
+
+from ftdist.config import ConfigError, StrategyConfig
+from ftdist.parallel.base import Strategy, launched_world_size
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    if cfg.name == "single":
+        if launched_world_size() > 1:
+            raise ConfigError(
+                f"strategy=single but WORLD_SIZE={launched_world_size()} (launched by torchrun): "
+                "use strategy=ddp for more than one process"
+            )
+        return Strategy(cfg)
+    if cfg.name == "ddp":
+        from ftdist.parallel.ddp import DDPStrategy
+
+        return DDPStrategy(cfg)
+    raise ConfigError(f"strategy.name={cfg.name!r} is not implemented")

@@ -1,0 +1,133 @@
+"""Entry point: `python -m ftdist.train [+experiment=NAME] key=value ...` (also under torchrun).
+
+compose + validate the config -> set up ranks -> prepare data -> load model -> Trainer.fit().
+Data is prepared before the model loads, so bad rows fail in seconds, not after a 70B load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ftdist.config import (
+    ConfigError,
+    FtdistConfig,
+    check_known_keys,
+    check_override_keys,
+    register_schemas,
+    validate,
+)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+EXIT_BAD_INPUT = 2
+
+log = logging.getLogger("ftdist")
+register_schemas()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=fmt, handlers=handlers, force=True)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def agree_run_dir(strategy, proposed: str) -> Path:
+    # Each rank resolved ${now:...} on its own clock; rank 0's answer is the run's directory.
+    run_dir = Path(strategy.broadcast_object(proposed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if str(run_dir) != proposed and Path(proposed).is_dir() and not any(Path(proposed).iterdir()):
+        Path(proposed).rmdir()  # the empty directory Hydra made from this rank's clock
+    return run_dir
+
+
+def run(dcfg: DictConfig, output_dir: str | None = None):
+    """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
+    from ftdist.data.prepare import prepare_data
+    from ftdist.model.loading import load_model, load_tokenizer
+    from ftdist.parallel import build_strategy
+    from ftdist.trainer import Trainer
+
+    check_known_keys(dcfg)
+    cfg: FtdistConfig = OmegaConf.to_object(dcfg)
+    validate(cfg)
+    strategy = build_strategy(cfg.strategy)
+    try:
+        run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
+        setup_logging(run_dir, strategy.is_main)
+        if strategy.is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
+        log.info("run directory: %s (world size %d, device %s)", run_dir, strategy.world_size, strategy.device)
+        seed_everything(cfg.seed)
+
+        tokenizer = load_tokenizer(cfg.model)
+        train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
+        if strategy.is_main:
+            (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        log.info("data: %s", json.dumps(report.to_dict()))
+
+        loaded = load_model(cfg.model, strategy.device)
+        trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
+        summary = trainer.fit()
+        if cfg.train.save_final:
+            summary["final_dir"] = str(trainer.save_final())
+        if strategy.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            report_summary(summary)
+        return trainer, summary
+    finally:
+        strategy.shutdown()
+
+
+def report_summary(summary: dict) -> None:
+    if "exact_match_before" in summary:
+        log.info(
+            "held-out exact match: base model %.1f%% -> fine-tuned %.1f%%",
+            100 * summary["exact_match_before"],
+            100 * summary["exact_match_after"],
+        )
+    log.info("summary: %s", json.dumps(summary))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    from ftdist.data.prepare import DataError
+
+    try:
+        run(dcfg)
+    except (ConfigError, DataError) as e:
+        # Bad input is the user's to fix: a one-line message, not a library traceback.
+        print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def cli() -> None:
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    try:
+        check_override_keys(overrides)
+    except ConfigError as e:
+        print(f"ftdist: ConfigError: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,268 @@
+"""The training loop: accumulate, clip, step, evaluate, log, save.
+
+Loss normalisation is the invariant everything here protects: the loss of an optimizer step is
+the sum of token losses over the whole global batch (every micro-batch on every rank) divided
+by that batch's label-token count, which is all-reduced before the first forward. Each
+micro-batch contributes `loss_sum / global_label_tokens` to the gradient, so unequal lengths,
+accumulation splits and world sizes all give the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ftdist.config import FtdistConfig
+from ftdist.data.loader import GlobalBatchSampler, collate, eval_batches
+from ftdist.data.prepare import Example
+from ftdist.evaluation import exact_match
+from ftdist.metrics import device_peak_flops, peak_memory_gb, train_flops_per_token
+from ftdist.objectives import sft_loss_sum
+from ftdist.parallel.base import Strategy
+from ftdist.tracking import MetricsWriter
+
+log = logging.getLogger("ftdist")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: FtdistConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # Norm gains and biases are not weight-decayed (standard for transformers).
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+def lr_multiplier(step: int, cfg: FtdistConfig, total_steps: int) -> float:
+    """Linear warmup from 0, then cosine or linear decay to min_lr_ratio (or constant)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+
+def autocast_context(cfg: FtdistConfig, device: torch.device):
+    mode = cfg.train.mixed_precision
+    if mode == "auto":
+        # Only where bf16 is fast: on CPUs without bf16 units autocast is ~80x slower.
+        use = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        use = mode == "bf16"
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: FtdistConfig,
+        strategy: Strategy,
+        model: torch.nn.Module,
+        tokenizer,
+        train_examples: list[Example],
+        val_examples: list[Example],
+        run_dir: Path,
+    ):
+        self.cfg = cfg
+        self.strategy = strategy
+        self.tokenizer = tokenizer
+        self.train_examples = train_examples
+        self.val_examples = val_examples
+        self.run_dir = run_dir
+        self.device = strategy.device
+        t = cfg.train
+        self.global_batch_size = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
+        self.sampler = GlobalBatchSampler(len(train_examples), self.global_batch_size, cfg.seed)
+        self.total_steps = (
+            t.max_steps
+            if t.max_steps is not None
+            else math.ceil(t.epochs * len(train_examples) / self.global_batch_size)
+        )
+        self.flops_per_token = train_flops_per_token(model)
+        self.peak_flops = device_peak_flops(self.device)
+        self.model = strategy.wrap(model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg, self.total_steps)
+        )
+        self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main)
+        self.step = 0
+        self.total_tokens = 0
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+
+    # --- training ---------------------------------------------------------------------------
+
+    def forward_backward(self, batches: list) -> tuple[float, float, float]:
+        """Accumulate this rank's gradients for one global batch.
+
+        Returns (global loss sum, global label tokens, global real tokens).
+        """
+        strategy = self.strategy
+        label_tokens, tokens = strategy.all_reduce_sum(
+            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)]
+        )
+        # A global batch with no label token contributes no gradient; avoid dividing by zero.
+        denominator = max(label_tokens, 1.0)
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            last = i == len(batches) - 1
+            # Gradients are reduced across ranks once, on the last micro-batch.
+            with contextlib.nullcontext() if last else strategy.no_sync(self.model):
+                with autocast_context(self.cfg, self.device):
+                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                micro_loss = sft_loss_sum(logits, batch.labels)
+                (micro_loss * (strategy.grad_reduction_factor / denominator)).backward()
+            loss_sum += micro_loss.item()
+        (global_loss_sum,) = strategy.all_reduce_sum([loss_sum])
+        return global_loss_sum, label_tokens, tokens
+
+    def step_batches(self, step: int) -> list:
+        micro_indices = self.sampler.rank_micro_batches(
+            step, self.strategy.rank, self.strategy.world_size, self.cfg.train.micro_batch_size
+        )
+        pad = self.tokenizer.pad_token_id
+        return [collate([self.train_examples[i] for i in idx], pad) for idx in micro_indices]
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used)."""
+        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), lr
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        self.model.train()
+        loss_sum, label_tokens, tokens = self.forward_backward(self.step_batches(self.step))
+        grad_norm, lr = self.optimizer_step()
+        self.step += 1
+        self.total_tokens += int(tokens)
+        dt = time.perf_counter() - t0
+        achieved = self.flops_per_token * tokens / dt / self.strategy.world_size
+        return {
+            "step": self.step,
+            "loss": loss_sum / max(label_tokens, 1.0),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(tokens),
+            "label_tokens": int(label_tokens),
+            "total_tokens": self.total_tokens,
+            "tokens_per_s": tokens / dt,
+            "mfu": achieved / self.peak_flops,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "epoch": self.sampler.epoch_at(self.step),
+        }
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, with_generation: bool) -> dict:
+        """eval_loss: token-weighted mean over the whole validation set (all ranks' shards)."""
+        model = self.strategy.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        loss_sum, count = 0.0, 0
+        for idx in eval_batches(
+            self.val_examples, self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size
+        ):
+            batch = collate([self.val_examples[i] for i in idx], self.tokenizer.pad_token_id).to(self.device)
+            with autocast_context(self.cfg, self.device):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss_sum += sft_loss_sum(logits, batch.labels).item()
+            count += batch.num_label_tokens
+        total_loss, total_count = self.strategy.all_reduce_sum([loss_sum, count])
+        record = {"step": self.step, "eval_loss": total_loss / max(total_count, 1.0), "eval_label_tokens": int(total_count)}
+        if with_generation and self.cfg.eval.exact_match_samples > 0:
+            correct, total = exact_match(model, self.tokenizer, self.val_examples, self.cfg.eval, self.strategy)
+            if total:
+                record["exact_match"] = correct / total
+                record["exact_match_n"] = int(total)
+        model.train(was_training)
+        return record
+
+    def _log_eval(self, record: dict) -> None:
+        self.eval_history.append(record)
+        self.metrics.write(record)
+        extra = f", exact_match {record['exact_match']:.1%} of {record['exact_match_n']}" if "exact_match" in record else ""
+        log.info("step %d: eval_loss %.4f%s", record["step"], record["eval_loss"], extra)
+
+    # --- the whole run ----------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        has_val = len(self.val_examples) > 0
+        log.info(
+            "training %d steps: global batch %d = %d ranks x %d accum x %d micro; %d train / %d val examples",
+            self.total_steps, self.global_batch_size, self.strategy.world_size, cfg.train.grad_accum_steps,
+            cfg.train.micro_batch_size, len(self.train_examples), len(self.val_examples),
+        )
+        if has_val and cfg.train.eval_at_start:
+            self._log_eval(self.evaluate(with_generation=True))
+        start = time.perf_counter()
+        bar = self._progress_bar()
+        while self.step < self.total_steps:
+            record = self.train_step()
+            record["elapsed_s"] = time.perf_counter() - start
+            self.history.append(record)
+            if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
+                self.metrics.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            every = cfg.train.eval_every_steps
+            if has_val and every and self.step % every == 0 and self.step < self.total_steps:
+                self._log_eval(self.evaluate(with_generation=False))
+        if bar is not None:
+            bar.close()
+        if has_val:
+            self._log_eval(self.evaluate(with_generation=True))
+        return self.summary()
+
+    def _progress_bar(self):
+        if not (self.strategy.is_main and self.cfg.train.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=1.0)
+
+    def summary(self) -> dict:
+        out = {"steps": self.step, "total_tokens": self.total_tokens}
+        if self.history:
+            out["final_loss"] = self.history[-1]["loss"]
+            out["mean_tokens_per_s"] = self.total_tokens / max(self.history[-1]["elapsed_s"], 1e-9)
+        with_em = [r for r in self.eval_history if "exact_match" in r]
+        if self.eval_history:
+            out["final_eval_loss"] = self.eval_history[-1]["eval_loss"]
+        if len(with_em) >= 2:
+            out["exact_match_before"] = with_em[0]["exact_match"]
+            out["exact_match_after"] = with_em[-1]["exact_match"]
+        return out
+
+    def save_final(self) -> Path | None:
+        """The trained model in Hugging Face format (rank 0 writes; every rank waits)."""
+        final = self.run_dir / "final"
+        if self.strategy.is_main:
+            model = self.strategy.unwrap(self.model)
+            model.config.use_cache = True  # training turned it off; users generate with it
+            model.save_pretrained(final, safe_serialization=True)
+            self.tokenizer.save_pretrained(final)
+        self.strategy.barrier()
+        return final

@@ -1,0 +1,123 @@
+"""Every shipped config composes and validates; bad keys and values fail naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ftdist.config import ConfigError, FtdistConfig, check_known_keys, check_override_keys, validate
+from ftdist.train import CONF_DIR, register_schemas
+
+register_schemas()
+REPO = Path(CONF_DIR).parent
+# What a group option needs before it validates (files that leave a required key open).
+REQUIRED = {"data": ["data.path=x.jsonl"], "model/hf": ["model.name_or_path=some/model"]}
+
+
+def compose_config(overrides: list[str]) -> FtdistConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose("config", overrides=["output_dir=/tmp/x", *overrides])
+    check_known_keys(dcfg)
+    cfg = OmegaConf.to_object(dcfg)
+    validate(cfg)
+    return cfg
+
+
+def shipped_group_options():
+    for group_dir in sorted(p for p in Path(CONF_DIR).iterdir() if p.is_dir()):
+        for f in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, f.stem
+
+
+@pytest.mark.parametrize("group,option", list(shipped_group_options()))
+def test_every_shipped_config_composes_and_validates(group, option):
+    extra = REQUIRED.get(f"{group}/{option}", []) + (REQUIRED["data"] if group != "experiment" else [])
+    choice = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_config([choice, *extra])
+    assert isinstance(cfg, FtdistConfig)
+
+
+def test_demo_experiment_values():
+    cfg = compose_config(["+experiment=tiny_cpu"])
+    assert cfg.data.path == "synthetic:json_extraction"
+    assert cfg.model.tiny is not None and cfg.strategy.name == "single"
+
+
+def test_unknown_key_names_key_and_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        check_override_keys(["train.lrr=1"])
+    assert "lrr" in str(e.value) and "lr," in str(e.value) and "micro_batch_size" in str(e.value)
+    with pytest.raises(ConfigError, match="'bogus' is not a key of data.fields"):
+        check_override_keys(["data.fields.bogus=x"])
+    with pytest.raises(ConfigError, match="top level"):
+        check_override_keys(["lerning_rate=1"])
+    check_override_keys(["+experiment=tiny_cpu", "model=tiny", "train.lr=1e-4", "data.fields.prompt=q", "hydra.run.dir=x"])
+
+
+def test_unknown_key_from_yaml_or_force_add_is_rejected(tmp_path):
+    # Keys that bypass the CLI pre-check still fail: a group file's key at compose time...
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "typo.yaml").write_text("lrr: 1\n")
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose_config([f"hydra.searchpath=[file://{tmp_path}]", "train=typo", "data.path=x"])
+    # ...and a force-added key (which struct mode lets through) in check_known_keys.
+    with pytest.raises(ConfigError, match="train.lrr"):
+        compose_config(["+experiment=tiny_cpu", "+train.lrr=1"])
+
+
+def test_wrong_type_is_rejected_at_compose():
+    with pytest.raises(ConfigCompositionException, match="train.lr"):
+        compose_config(["+experiment=tiny_cpu", "train.lr=abc"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("train.grad_accum_steps=-1", "train.grad_accum_steps"),
+        ("data.max_seq_len=0", "data.max_seq_len"),
+        ("data.format=xml", "data.format"),
+        ("data.on_bad_row=ignore", "data.on_bad_row"),
+        ("strategy.name=magic", "strategy.name"),
+        ("train.lr=-1", "train.lr"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("data.max_seq_len=5000", "data.max_seq_len"),
+        ("train.schedule=step", "train.schedule"),
+    ],
+)
+def test_cross_field_checks_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_config(["+experiment=tiny_cpu", override])
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(Exception, match="data.path|path"):
+        compose_config([])
+
+
+def test_cli_bad_key_fails_before_any_model_loads(tmp_path):
+    env_cache = tmp_path / "cache"  # an empty cache: building the tiny model would fill it
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftdist.train", "+experiment=tiny_cpu", "train.lrr=1", f"output_dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "FTDIST_CACHE": str(env_cache)},
+    )
+    assert proc.returncode == 2
+    assert "lrr" in proc.stderr and "Valid keys" in proc.stderr
+    assert not env_cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_bad_value_fails_before_any_model_loads(tmp_path):
+    env_cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftdist.train", "+experiment=tiny_cpu", "train.micro_batch_size=0", f"output_dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "FTDIST_CACHE": str(env_cache)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "train.micro_batch_size" in proc.stderr
+    assert not env_cache.exists()
