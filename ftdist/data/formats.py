@@ -15,7 +15,7 @@ instead of training on a wrong mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ftdist.config import DataConfig
 from ftdist.data.sources import BadRow, DataError
@@ -31,8 +31,8 @@ class Example:
     labels: list[int]  # same length as input_ids; IGNORE where no loss; not shifted
     # The ids the model is given to generate the (last) response, generation prompt included;
     # None for text. Not truncated: it is what generation starts from.
-    prompt_ids: Optional[list[int]] = None
-    reference: Optional[str] = None  # the (last) response text, for exact-match evaluation
+    prompt_ids: list[int] | None = None
+    reference: str | None = None  # the (last) response text, for exact-match evaluation
 
 
 def uses_chat_template(cfg: DataConfig, tokenizer) -> bool:
@@ -178,7 +178,7 @@ def _text_field(row: dict, name: str) -> str:
     return value
 
 
-def _optional_text_field(row: dict, name: Optional[str]) -> str:
+def _optional_text_field(row: dict, name: str | None) -> str:
     """The optional context field: absent, null or empty all mean "no context"."""
     if not name or row.get(name) is None:
         return ""

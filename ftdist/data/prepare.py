@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
 
 from ftdist.config import DataConfig
 from ftdist.data.formats import IGNORE, Example, RowEncoder
@@ -52,7 +51,8 @@ class DataReport:
 
 
 _Dropped = object()  # outcome of a row whose example lost every label to truncation
-_Outcome = Union[Example, BadRow, object]
+# Per row: (example, was_truncated), the BadRow it raised (skip mode), or _Dropped.
+_Outcome = tuple[Example, bool] | BadRow | object
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataReport]:
@@ -80,11 +80,10 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], 
     report.rows_read = report.train_rows + report.val_rows
     _warn_bad_rows(report)
     _check_not_empty(report, cfg)
-    log.info("data: %s", report.to_dict())
     return train, val, report
 
 
-def holdout_indices(n: int, fraction: float, max_examples: Optional[int], seed: int) -> set[int]:
+def holdout_indices(n: int, fraction: float, max_examples: int | None, seed: int) -> set[int]:
     """Row indices held out for validation: min(round(fraction * n), max_examples) of them.
 
     Rows capped away by max_examples stay in training rather than vanish unaccounted.
@@ -107,7 +106,7 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataRepo
         example = encoder(row.value)
     except BadRow as bad:
         if cfg.on_bad_row == "error":
-            raise DataError(f"{row.location}: {bad} (data.on_bad_row=skip drops and counts such rows)") from None
+            raise DataError(f"{row.location}: {bad}; data.on_bad_row=skip drops and counts such rows") from None
         report.bad_row_examples.setdefault(bad.kind, f"{row.location}: {bad.detail}")
         return bad
     except DataError as e:
@@ -126,7 +125,7 @@ def _truncate(example: Example, max_len: int) -> _Outcome:
     return (example, truncated)
 
 
-def _tally(outcomes: list, report: DataReport, prefix: str) -> list[Example]:
+def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Example]:
     examples: list[Example] = []
     bad_rows = report.val_bad_rows if prefix else report.bad_rows
     counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0}

@@ -13,8 +13,9 @@ import bisect
 import csv
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 SYNTHETIC_PREFIX = "synthetic:"
@@ -37,7 +38,7 @@ class BadRow(Exception):
 class Row:
     location: str  # "path:line" or "path:row N", for messages
     value: Any = None  # the parsed record; not necessarily a dict (formats check)
-    problem: Optional[BadRow] = None  # set when the record could not even be parsed
+    problem: BadRow | None = None  # set when the record could not even be parsed
 
 
 def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0) -> list[Row]:
@@ -123,8 +124,9 @@ def _json_array_rows(path: str, text: str, pos: int) -> Iterator[Row]:
         return i
 
     pos = skip_ws(pos)
-    expect_value = text[pos:pos + 1] != "]"
-    while expect_value:
+    closed = text[pos:pos + 1] == "]"
+    pos += closed
+    while not closed:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
@@ -135,8 +137,8 @@ def _json_array_rows(path: str, text: str, pos: int) -> Iterator[Row]:
         if sep not in (",", "]"):
             line = bisect.bisect_right(newlines, pos) + 1
             raise DataError(f"{path}:{line}: invalid_json: expected ',' or ']' after an array element")
+        closed = sep == "]"
         pos = skip_ws(pos + 1)
-        expect_value = sep == ","
     if text[pos:].strip():
         line = bisect.bisect_right(newlines, pos) + 1
         raise DataError(f"{path}:{line}: invalid_json: extra data after the top-level array")
@@ -150,8 +152,8 @@ def _datasets_file_rows(path: str, builder: str) -> list[Row]:
         # CSV has no types: read every column as text (an answer "18" must stay a string) and
         # keep empty cells as "" instead of pandas' NaN, so formats see what the file says.
         header = _csv_header(path)
-        kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                      keep_default_na=False)
+        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                      "keep_default_na": False}
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as e:  # noqa: BLE001 (any reader failure becomes one clear message)

@@ -22,7 +22,7 @@ import torch
 from ftdist.config import TinyModelSpec
 from ftdist.data.synthetic import tokenizer_corpus
 
-BUILD_VERSION = 1  # bump when the build below changes, so old caches are not reused
+BUILD_VERSION = 2  # bump when the build below changes, so old caches are not reused
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -45,11 +45,19 @@ def spec_dir(spec: TinyModelSpec) -> Path:
 
 
 def build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Spaces and punctuation are tokens of their own, so a word is the same token wherever it
+    # stands ("Noah" in a sentence and in a JSON string): copying is learnable by a tiny model.
+    # Byte-level encoding underneath keeps every input representable.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s+|[^\w\s]"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
