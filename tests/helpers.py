@@ -1,0 +1,49 @@
+"""Running ftdist the way users do (subprocess, torchrun) and reading what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast: a few hundred synthetic rows, no generation, no progress bar.
+FAST = [
+    "+experiment=tiny_cpu",
+    "data.num_synthetic_rows=300",
+    "eval.exact_match_samples=0",
+    "train.eval_every_steps=null",
+    "train.progress_bar=false",
+    "train.warmup_steps=2",
+]
+
+
+def run_env() -> dict:
+    # One thread per process: two ranks on two cores, and results that do not depend on load.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_cmd(nproc: int | None, overrides: list[str]) -> list[str]:
+    if nproc is None:
+        return [sys.executable, "-m", "ftdist.train", *overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "ftdist.train", *overrides,
+    ]
+
+
+def run_train(overrides: list[str], nproc: int | None = None, check: bool = True, timeout: int = 600):
+    proc = subprocess.run(
+        train_cmd(nproc, overrides), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
