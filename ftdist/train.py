@@ -67,6 +67,9 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     from ftdist.trainer import Trainer
 
     check_known_keys(dcfg)
+    missing = sorted(OmegaConf.missing_keys(dcfg))
+    if missing:
+        raise ConfigError(f"required keys not set: {', '.join(missing)} (set them, e.g. {missing[0]}=...)")
     cfg: FtdistConfig = OmegaConf.to_object(dcfg)
     validate(cfg)
     strategy = build_strategy(cfg.strategy)
@@ -75,7 +78,10 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         setup_logging(run_dir, strategy.is_main)
         if strategy.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
-        log.info("run directory: %s (world size %d, device %s)", run_dir, strategy.world_size, strategy.device)
+        log.info(
+            "run directory: %s (strategy %s, world size %d, device %s, backend %s)",
+            run_dir, cfg.strategy.name, strategy.world_size, strategy.device, strategy.backend,
+        )
         seed_everything(cfg.seed)
 
         tokenizer = load_tokenizer(cfg.model)
@@ -116,6 +122,9 @@ def main(dcfg: DictConfig) -> None:
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nothing ran: leave no empty run directory behind
         sys.exit(EXIT_BAD_INPUT)
 
 

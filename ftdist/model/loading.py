@@ -6,6 +6,7 @@ The tiny model goes through the same path: it is built into a cache directory fi
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,12 @@ class LoadedModel:
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    return ensure_tiny_model(cfg.tiny) if cfg.tiny is not None else str(cfg.name_or_path)
+    if cfg.tiny is not None:
+        return ensure_tiny_model(cfg.tiny)
+    path = str(cfg.name_or_path)
+    if path.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"model.name_or_path: local model directory {path!r} does not exist")
+    return os.path.expanduser(path)
 
 
 def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):

@@ -24,6 +24,11 @@ def launched_world_size() -> int:
 
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible: "
+                "use --nproc_per_node <= the GPU count, or CUDA_VISIBLE_DEVICES= to train on CPU"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -52,6 +57,8 @@ def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
 
 class Strategy:
     """Single process: no communication. Subclasses add the collective parts."""
+
+    backend = "none"
 
     def __init__(self, cfg: StrategyConfig):
         self.cfg = cfg

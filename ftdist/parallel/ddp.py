@@ -20,6 +20,7 @@ class DDPStrategy(Strategy):
         init_process_group(cfg, self.device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         ids = [self.device.index] if self.device.type == "cuda" else None
