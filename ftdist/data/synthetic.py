@@ -36,7 +36,7 @@ TEMPLATES = (
     "At {age}, {name} moved to {city} to become a {job}.",
 )
 
-INSTRUCTION = "Extract name, age, city and job as JSON: "
+INSTRUCTION = "Convert to JSON: "
 
 
 def json_extraction_row(rng: random.Random) -> dict:

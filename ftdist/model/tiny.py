@@ -22,7 +22,7 @@ import torch
 from ftdist.config import TinyModelSpec
 from ftdist.data.synthetic import tokenizer_corpus
 
-BUILD_VERSION = 2  # bump when the build below changes, so old caches are not reused
+BUILD_VERSION = 3  # bump when the build below changes, so old caches are not reused
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
