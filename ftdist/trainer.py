@@ -226,7 +226,7 @@ class Trainer:
                 self.metrics.write(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             every = cfg.train.eval_every_steps
             if has_val and every and self.step % every == 0 and self.step < self.total_steps:
                 self._log_eval(self.evaluate(with_generation=False))
@@ -239,9 +239,13 @@ class Trainer:
     def _progress_bar(self):
         if not (self.strategy.is_main and self.cfg.train.progress_bar):
             return None
+        import sys
+
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=1.0)
+        # In a log file (no terminal) a bar redrawn every second buries everything else.
+        interval = 1.0 if sys.stderr.isatty() else 60.0
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=interval)
 
     def summary(self) -> dict:
         out = {"steps": self.step, "total_tokens": self.total_tokens}

@@ -36,7 +36,7 @@ TEMPLATES = (
     "At {age}, {name} moved to {city} to become a {job}.",
 )
 
-INSTRUCTION = "Convert to JSON: "
+INSTRUCTION = "Extract name, age, city and job as JSON: "
 
 
 def json_extraction_row(rng: random.Random) -> dict:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ftdist.config import TinyModelSpec
+from ftdist.data import synthetic
 from ftdist.data.synthetic import tokenizer_corpus
 
-BUILD_VERSION = 3  # bump when the build below changes, so old caches are not reused
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -40,24 +40,22 @@ def cache_root() -> Path:
 
 
 def spec_dir(spec: TinyModelSpec) -> Path:
-    key = json.dumps({"v": BUILD_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
-    return cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    # The key covers the spec and the code that builds from it (this module and the corpus the
+    # tokenizer learns from), so a changed build never reuses a stale cache entry.
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    for source in (Path(__file__), Path(synthetic.__file__)):
+        digest.update(source.read_bytes())
+    return cache_root() / "tiny" / digest.hexdigest()[:16]
 
 
 def build_tokenizer(vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    # Spaces and punctuation are tokens of their own, so a word is the same token wherever it
-    # stands ("Noah" in a sentence and in a JSON string): copying is learnable by a tiny model.
-    # Byte-level encoding underneath keeps every input representable.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\s+|[^\w\s]"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    # GPT-2 style byte-level BPE: every input is representable, and common words (with their
+    # leading space) become single tokens, which keeps the demo's sequences short.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
