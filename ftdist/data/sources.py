@@ -47,6 +47,9 @@ def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed
         return _synthetic_rows(path[len(SYNTHETIC_PREFIX):], num_synthetic_rows, seed)
     if os.path.isfile(path):
         return _local_rows(path)
+    if os.path.isdir(path):
+        # A dataset repository on disk (e.g. a downloaded hub dataset): the same loader as a name.
+        return _hub_rows(path, split)
     if _looks_local(path):
         raise DataError(f"data file not found: {path} (working directory: {os.getcwd()})")
     return _hub_rows(path, split)

@@ -157,3 +157,16 @@ def test_synthetic_rows_match_the_generator():
 def test_unknown_synthetic_task_is_a_data_error():
     with pytest.raises(DataError, match="synthetic:nope: unknown synthetic task"):
         read_rows("synthetic:nope", num_synthetic_rows=5)
+
+
+def test_dataset_directory_loads_through_load_dataset_with_the_split(tmp_path):
+    # A dataset repository on disk goes through the same datasets.load_dataset path as a hub
+    # name (the real loader, offline): its split files are found by name.
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
+    (tmp_path / "repo" / "test.jsonl").write_text('{"prompt": "e", "response": "f"}\n')
+    train = read_rows(str(tmp_path / "repo"), split="train")
+    test = read_rows(str(tmp_path / "repo"), split="test")
+    assert [r.value for r in train] == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    assert [r.value["prompt"] for r in test] == ["e"]
+    assert train[1].location.endswith(":row 2")
