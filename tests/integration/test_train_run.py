@@ -87,3 +87,16 @@ def test_skip_mode_counts_bad_rows_in_output_dir(tmp_path):
     merged = {k: report["bad_rows"].get(k, 0) + report["val_bad_rows"].get(k, 0) for k in kinds}
     assert merged == {"invalid_json": 1, "empty_response": 1, "wrong_type": 1}
     assert "invalid_json" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_any_local_hf_model_directory_trains(tmp_path, tiny_model_dir):
+    # model=hf is the path for real models: a local directory (or hub name) via from_pretrained.
+    run_train(
+        [
+            *FAST, "model=hf", f"model.name_or_path={tiny_model_dir}", "model.dtype=fp32",
+            "model.gradient_checkpointing=true", "train.max_steps=2", f"output_dir={tmp_path}",
+        ]
+    )
+    train, _ = read_metrics(tmp_path)
+    assert [r["step"] for r in train] == [1, 2]
+    assert f"name_or_path: {tiny_model_dir}" in (tmp_path / "config.yaml").read_text()
