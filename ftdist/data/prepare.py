@@ -78,7 +78,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], 
     train = _tally(train_out, report, prefix="")
     val = _tally(val_out, report, prefix="val_")
     report.rows_read = report.train_rows + report.val_rows
-    _warn_bad_rows(report)
+    _warn_bad_rows(report, cfg.max_seq_len)
     _check_not_empty(report, cfg)
     return train, val, report
 
@@ -150,17 +150,23 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
     return examples
 
 
-def _warn_bad_rows(report: DataReport) -> None:
+def _warn_bad_rows(report: DataReport, max_seq_len: int) -> None:
     for name, counts in (("train", report.bad_rows), ("validation", report.val_bad_rows)):
         if counts:
             log.warning(
                 "skipped %d bad %s rows (data.on_bad_row=skip): %s; first of each kind: %s",
                 sum(counts.values()), name, counts, report.bad_row_examples,
             )
-    for name, dropped in (("train", report.dropped_no_labels), ("validation", report.val_dropped_no_labels)):
+    for name, dropped, rows in (
+        ("train", report.dropped_no_labels, report.train_rows),
+        ("validation", report.val_dropped_no_labels, report.val_rows),
+    ):
         if dropped:
-            log.warning("dropped %d %s examples with no labels left after truncation to data.max_seq_len",
-                        dropped, name)
+            log.warning(
+                "dropped %d of %d %s examples (%.0f%%) with no label left after truncation to "
+                "data.max_seq_len=%d; raise data.max_seq_len to keep them",
+                dropped, rows, name, 100 * dropped / max(rows, 1), max_seq_len,
+            )
 
 
 def _check_not_empty(report: DataReport, cfg: DataConfig) -> None:
