@@ -43,7 +43,9 @@ class ModelConfig:
     tiny: Optional[TinyModelSpec] = None
     tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
     dtype: str = "fp32"  # parameter dtype: fp32 | bf16
-    attn_implementation: str = "sdpa"  # sdpa | eager
+    # auto: flash_attention_2 where flash-attn and CUDA are present, else sdpa (exact document
+    # masks when packing) | flash_attention_2 | flex_attention | sdpa | eager
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
@@ -74,6 +76,10 @@ class DataConfig:
     train_on_prompt: bool = False
     on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported)
     num_synthetic_rows: int = 4000  # rows generated for synthetic:NAME sources
+    # Pack several documents into each row of max_seq_len tokens (documents never attend to
+    # each other). micro_batch_size then counts packed rows.
+    packing: bool = False
+    packing_window: int = 2000  # documents bin-packed together; larger is fuller, less random
 
 
 @dataclass
@@ -161,7 +167,7 @@ def register_schemas() -> None:
 
 CHOICES = {
     "model.dtype": ("fp32", "bf16"),
-    "model.attn_implementation": ("sdpa", "eager"),
+    "model.attn_implementation": ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
     "data.format": ("instruction", "chat", "text"),
     "data.template": ("auto", "chat", "plain"),
     "data.on_bad_row": ("error", "skip"),
@@ -176,6 +182,7 @@ CHOICES = {
 POSITIVE = (
     "data.max_seq_len",
     "data.num_synthetic_rows",
+    "data.packing_window",
     "train.micro_batch_size",
     "train.grad_accum_steps",
     "train.log_every_steps",

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from ftdist.config import FtdistConfig
-from ftdist.data.loader import GlobalBatchSampler, collate, eval_batches
+from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
+from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
+from ftdist.model.attention import model_inputs
 from ftdist.metrics import device_peak_flops, peak_memory_gb, train_flops_per_token
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
@@ -84,13 +86,19 @@ class Trainer:
         self.run_dir = run_dir
         self.device = strategy.device
         t = cfg.train
+        # Items are what the sampler orders and a micro-batch holds: single examples, or packed
+        # rows of several. Each item is a list of example indices.
+        self.train_items = self.make_items(train_examples)
+        self.val_items = self.make_items(val_examples)
         self.global_batch_size = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
-        self.sampler = GlobalBatchSampler(len(train_examples), self.global_batch_size, cfg.seed)
+        self.sampler = GlobalBatchSampler(len(self.train_items), self.global_batch_size, cfg.seed)
         self.total_steps = (
             t.max_steps
             if t.max_steps is not None
-            else math.ceil(t.epochs * len(train_examples) / self.global_batch_size)
+            else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size)
         )
+        self.attn_implementation = getattr(model.config, "_attn_implementation", "sdpa")
+        self.model_dtype = next(model.parameters()).dtype
         self.flops_per_token = train_flops_per_token(model)
         self.peak_flops = device_peak_flops(self.device)
         self.model = strategy.wrap(model)
@@ -106,14 +114,32 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------
 
-    def forward_backward(self, batches: list) -> tuple[float, float, float]:
-        """Accumulate this rank's gradients for one global batch.
+    def make_items(self, examples: list[Example]) -> list[list[int]]:
+        if not self.cfg.data.packing:
+            return [[i] for i in range(len(examples))]
+        lengths = [len(e.input_ids) for e in examples]
+        return pack_documents(lengths, self.cfg.data.max_seq_len, self.cfg.seed, self.cfg.data.packing_window)
 
-        Returns (global loss sum, global label tokens, global real tokens).
-        """
+    def collate_items(self, examples: list[Example], items: list[list[int]]) -> Batch:
+        pad = self.tokenizer.pad_token_id
+        if self.cfg.data.packing:
+            return collate_packed([[examples[i] for i in item] for item in items], pad)
+        return collate([examples[item[0]] for item in items], pad)
+
+    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        with autocast_context(self.cfg, self.device):
+            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype)).logits
+
+    def forward_backward(self, batches: list[Batch]) -> dict:
+        """Accumulate this rank's gradients for one global batch; returns global totals."""
         strategy = self.strategy
-        label_tokens, tokens = strategy.all_reduce_sum(
-            [sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches)]
+        label_tokens, tokens, slots, documents = strategy.all_reduce_sum(
+            [
+                sum(b.num_label_tokens for b in batches),
+                sum(b.num_tokens for b in batches),
+                sum(b.slots for b in batches),
+                sum(b.num_documents for b in batches),
+            ]
         )
         # A global batch with no label token contributes no gradient; avoid dividing by zero.
         denominator = max(label_tokens, 1.0)
@@ -123,20 +149,23 @@ class Trainer:
             last = i == len(batches) - 1
             # Gradients are reduced across ranks once, on the last micro-batch.
             with contextlib.nullcontext() if last else strategy.no_sync(self.model):
-                with autocast_context(self.cfg, self.device):
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                micro_loss = sft_loss_sum(logits, batch.labels)
+                micro_loss = sft_loss_sum(self.logits(self.model, batch), batch.labels)
                 (micro_loss * (strategy.grad_reduction_factor / denominator)).backward()
             loss_sum += micro_loss.item()
         (global_loss_sum,) = strategy.all_reduce_sum([loss_sum])
-        return global_loss_sum, label_tokens, tokens
+        return {
+            "loss_sum": global_loss_sum,
+            "label_tokens": label_tokens,
+            "tokens": tokens,
+            "slots": slots,
+            "documents": documents,
+        }
 
-    def step_batches(self, step: int) -> list:
-        micro_indices = self.sampler.rank_micro_batches(
+    def step_batches(self, step: int) -> list[Batch]:
+        micro = self.sampler.rank_micro_batches(
             step, self.strategy.rank, self.strategy.world_size, self.cfg.train.micro_batch_size
         )
-        pad = self.tokenizer.pad_token_id
-        return [collate([self.train_examples[i] for i in idx], pad) for idx in micro_indices]
+        return [self.collate_items(self.train_examples, [self.train_items[j] for j in idx]) for idx in micro]
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used)."""
@@ -151,7 +180,8 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         self.model.train()
-        loss_sum, label_tokens, tokens = self.forward_backward(self.step_batches(self.step))
+        totals = self.forward_backward(self.step_batches(self.step))
+        label_tokens, tokens = totals["label_tokens"], totals["tokens"]
         grad_norm, lr = self.optimizer_step()
         self.step += 1
         self.total_tokens += int(tokens)
@@ -159,12 +189,14 @@ class Trainer:
         achieved = self.flops_per_token * tokens / dt / self.strategy.world_size
         return {
             "step": self.step,
-            "loss": loss_sum / max(label_tokens, 1.0),
+            "loss": totals["loss_sum"] / max(label_tokens, 1.0),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": int(tokens),
             "label_tokens": int(label_tokens),
             "total_tokens": self.total_tokens,
+            "documents": int(totals["documents"]),
+            "packing_efficiency": tokens / max(totals["slots"], 1.0),
             "tokens_per_s": tokens / dt,
             "mfu": achieved / self.peak_flops,
             "peak_mem_gb": peak_memory_gb(self.device),
@@ -180,13 +212,10 @@ class Trainer:
         was_training = model.training
         model.eval()
         loss_sum, count = 0.0, 0
-        for idx in eval_batches(
-            self.val_examples, self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size
-        ):
-            batch = collate([self.val_examples[i] for i in idx], self.tokenizer.pad_token_id).to(self.device)
-            with autocast_context(self.cfg, self.device):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss_sum += sft_loss_sum(logits, batch.labels).item()
+        lengths = [sum(len(self.val_examples[i].input_ids) for i in item) for item in self.val_items]
+        for idx in eval_batches(lengths, self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size):
+            batch = self.collate_items(self.val_examples, [self.val_items[j] for j in idx]).to(self.device)
+            loss_sum += sft_loss_sum(self.logits(model, batch), batch.labels).item()
             count += batch.num_label_tokens
         total_loss, total_count = self.strategy.all_reduce_sum([loss_sum, count])
         record = {"step": self.step, "eval_loss": total_loss / max(total_count, 1.0), "eval_label_tokens": int(total_count)}

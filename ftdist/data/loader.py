@@ -10,8 +10,8 @@ no example is ever dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,14 +65,29 @@ class Batch:
     labels: torch.Tensor
     num_tokens: int  # real (non-padding) tokens
     num_label_tokens: int  # tokens that carry a loss after the next-token shift
+    # Packed rows only: positions restart per document; document id per token (-1: padding).
+    position_ids: Optional[torch.Tensor] = None
+    document_ids: Optional[torch.Tensor] = None
+    num_documents: int = 0
+
+    def __post_init__(self):
+        if not self.num_documents and self.document_ids is None:
+            self.num_documents = self.input_ids.size(0)
+
+    @property
+    def slots(self) -> int:
+        """Token positions computed, padding included (the denominator of packing efficiency)."""
+        return self.input_ids.numel()
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-            self.num_tokens,
-            self.num_label_tokens,
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            labels=move(self.labels),
+            position_ids=move(self.position_ids),
+            document_ids=move(self.document_ids),
         )
 
 
@@ -96,10 +111,10 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     )
 
 
-def eval_batches(examples: Sequence[Example], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
-    """This rank's share of the validation set, grouped by length to waste little padding.
+def eval_batches(lengths: Sequence[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of the validation rows, grouped by length to waste little padding.
 
     eval_loss is a token-weighted sum over all shards, so how rows are grouped does not matter.
     """
-    mine = sorted(range(rank, len(examples), world_size), key=lambda i: len(examples[i].input_ids))
+    mine = sorted(range(rank, len(lengths), world_size), key=lambda i: lengths[i])
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]

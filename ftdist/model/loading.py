@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ftdist.config import ConfigError, ModelConfig
+from ftdist.model.attention import resolve_attn_implementation
 from ftdist.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     path: str
+    attn_implementation: str
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -55,13 +57,16 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
     dtype = DTYPES[cfg.dtype]
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    if attn == "flex_attention" and device.type == "cpu":
+        raise ConfigError("model.attn_implementation=flex_attention has no backward pass on CPU; use sdpa or eager")
     if dtype == torch.bfloat16 and device.type == "cpu":
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
         )
     except OSError as e:
@@ -70,4 +75,4 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         # Non-reentrant checkpointing works with DDP and with frozen inputs (PEFT later).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # caches are for generation, not training
-    return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=path)
+    return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=path, attn_implementation=attn)

@@ -100,3 +100,19 @@ def test_any_local_hf_model_directory_trains(tmp_path, tiny_model_dir):
     train, _ = read_metrics(tmp_path)
     assert [r["step"] for r in train] == [1, 2]
     assert f"name_or_path: {tiny_model_dir}" in (tmp_path / "config.yaml").read_text()
+
+
+def test_packing_keeps_eval_loss_and_fills_rows_on_gsm8k(tmp_path):
+    # The acceptance run: lr 0, one step, packed vs unpacked on GSM8K test.
+    path = shared_dataset("gsm8k/test.jsonl")
+    common = [
+        *FAST, f"data.path={path}", "data.fields.prompt=question", "data.fields.response=answer",
+        "data.max_seq_len=2048", "train.lr=0", "train.max_steps=1", "train.micro_batch_size=4",
+    ]
+    run_train([*common, "data.packing=false", f"output_dir={tmp_path}/padded"])
+    run_train([*common, "data.packing=true", f"output_dir={tmp_path}/packed"])
+    padded_train, padded_eval = read_metrics(tmp_path / "padded")
+    packed_train, packed_eval = read_metrics(tmp_path / "packed")
+    assert packed_eval[-1]["eval_loss"] == pytest.approx(padded_eval[-1]["eval_loss"], rel=1e-4)
+    assert packed_train[0]["packing_efficiency"] >= 0.95
+    assert packed_train[0]["documents"] > 4  # several documents per packed row

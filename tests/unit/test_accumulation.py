@@ -54,7 +54,8 @@ def test_accumulation_gives_global_token_mean_gradient(tiny_model_dir, tiny_toke
     trainer = Trainer(cfg, Strategy(cfg.strategy), copy.deepcopy(base), tiny_tokenizer, examples, [], tmp_path)
     batches = trainer.step_batches(0)
     assert len(batches) == accum
-    loss_sum, label_tokens, _ = trainer.forward_backward(batches)
+    totals = trainer.forward_backward(batches)
+    loss_sum, label_tokens = totals["loss_sum"], totals["label_tokens"]
     assert label_tokens == 3 + 21 + 1 + 44
     assert loss_sum / label_tokens == pytest.approx(ref_loss, rel=1e-5)
     for name, p in trainer.model.named_parameters():

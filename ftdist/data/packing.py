@@ -1,0 +1,86 @@
+"""Sequence packing: several documents per row of `max_seq_len` tokens, never mixing them.
+
+Which documents share a row is decided once, from (lengths, seed): best-fit-decreasing bin
+packing applied to consecutive windows of a seeded shuffle. Within a window rows come out
+nearly full; across windows the order stays random, and every rank computes the same rows.
+What keeps documents apart is in `collate_packed`: position ids restart at 0 for every
+document, the first token of a document is never a label (it would be predicted from the
+previous document), and a per-token document id lets the model build a block-diagonal
+causal mask (see ftdist.model.attention).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Sequence
+
+import torch
+
+from ftdist.data.loader import IGNORE_INDEX, Batch
+from ftdist.data.prepare import Example
+
+PAD_DOCUMENT = -1  # document id of padding positions
+
+
+def pack_documents(lengths: Sequence[int], capacity: int, seed: int, window: int = 2000) -> list[list[int]]:
+    """Group document indices into rows whose lengths sum to at most `capacity`."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a document is longer than the row capacity {capacity}; truncate first")
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = rows_best_fit(order[start : start + window], lengths, capacity)
+        rng.shuffle(chunk)
+        rows.extend(chunk)
+    return rows
+
+
+def rows_best_fit(indices: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each document, longest first, goes to the fullest row it fits in."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row number), kept sorted
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        n = lengths[i]
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - n, len(rows) - 1))
+        else:
+            room, row = free.pop(pos)
+            rows[row].append(i)
+            bisect.insort(free, (room - n, row))
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> Batch:
+    """Concatenate each row's documents; right-pad rows to the longest one in the batch."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    documents = torch.full((len(rows), width), PAD_DOCUMENT, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, e in enumerate(row):
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            doc_labels = torch.tensor(e.labels)
+            doc_labels[0] = IGNORE_INDEX  # never predicted across the boundary
+            labels[r, at : at + n] = doc_labels
+            positions[r, at : at + n] = torch.arange(n)
+            documents[r, at : at + n] = d
+            at += n
+    mask = (documents != PAD_DOCUMENT).long()
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        num_tokens=int(mask.sum()),
+        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        position_ids=positions,
+        document_ids=documents,
+        num_documents=sum(len(row) for row in rows),
+    )

@@ -1,0 +1,72 @@
+"""Attention backend choice and the masks that keep packed documents apart.
+
+Measured here: transformers' sdpa, flex and eager paths do not separate documents from reset
+position ids alone, so every backend but flash-attn's varlen kernel gets an explicit mask:
+- sdpa: a boolean block-diagonal causal mask [B, 1, T, T];
+- eager: the same as an additive float mask (0 / dtype min), which is what eager expects;
+- flex_attention: a BlockMask built from the per-token document ids;
+- flash_attention_2: no mask; transformers derives cu_seqlens from the restarting position ids.
+Padding positions form a "document" of their own (id -1), so no query row is fully masked
+(a fully masked row would give NaN, and NaN times a zero gradient is still NaN).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ftdist.config import ConfigError
+from ftdist.data.loader import Batch
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
+    if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA device; "
+            "use auto, sdpa or flex_attention"
+        )
+    return requested
+
+
+def block_diagonal_causal(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean: query q may attend key k iff same document and k <= q."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    t = document_ids.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def flex_block_mask(document_ids: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):
+        return (document_ids[b, q] == document_ids[b, k]) & (q >= k)
+
+    b, t = document_ids.shape
+    return create_block_mask(same_document_causal, b, None, t, t, device=document_ids.device)
+
+
+def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """Keyword arguments for the model's forward for this batch and backend."""
+    if batch.document_ids is None:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    if attn_implementation == "flash_attention_2":
+        return inputs
+    if attn_implementation == "flex_attention":
+        inputs["attention_mask"] = flex_block_mask(batch.document_ids)
+        return inputs
+    allowed = block_diagonal_causal(batch.document_ids)
+    if attn_implementation == "eager":
+        blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+        inputs["attention_mask"] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)
+    else:
+        inputs["attention_mask"] = allowed
+    return inputs
