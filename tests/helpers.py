@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import random
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +48,19 @@ def run_train(overrides: list[str], nproc: int | None = None, check: bool = True
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
+
+
+def random_examples(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list:
+    import torch
+
+    from ftdist.data.prepare import Example
+
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = torch.randint(10, 800, (length,), generator=g).tolist()
+        prompt = rng.randint(1, length - 1)
+        out.append(Example(ids, [-100] * prompt + ids[prompt:]))
+    return out

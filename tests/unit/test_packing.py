@@ -16,18 +16,7 @@ from ftdist.data.prepare import Example
 from ftdist.model.attention import model_inputs
 from ftdist.parallel.base import Strategy
 from ftdist.trainer import Trainer
-
-
-def random_examples(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(lo, hi)
-        ids = torch.randint(10, 800, (length,), generator=g).tolist()
-        prompt = rng.randint(1, length - 1)
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
+from helpers import random_examples
 
 
 def test_pack_documents_places_every_document_once_within_capacity():
