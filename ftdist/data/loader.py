@@ -69,10 +69,23 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None
     document_ids: Optional[torch.Tensor] = None
     num_documents: int = 0
+    segments: Optional[list] = None  # per row: (start, length) of each document
 
     def __post_init__(self):
         if not self.num_documents and self.document_ids is None:
             self.num_documents = self.input_ids.size(0)
+
+    @classmethod
+    def from_tensors(cls, input_ids, attention_mask, labels, **packed) -> "Batch":
+        """A batch with its token counts computed from the tensors (one rule for every layout)."""
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            num_tokens=int(attention_mask.sum()),
+            num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            **packed,
+        )
 
     @property
     def slots(self) -> int:
@@ -102,13 +115,7 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
-    return Batch(
-        input_ids=ids,
-        attention_mask=mask,
-        labels=labels,
-        num_tokens=int(mask.sum()),
-        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-    )
+    return Batch.from_tensors(ids, mask, labels)
 
 
 def eval_batches(lengths: Sequence[int], rank: int, world_size: int, batch_size: int) -> list[list[int]]:

@@ -62,7 +62,9 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> Batc
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     documents = torch.full((len(rows), width), PAD_DOCUMENT, dtype=torch.long)
+    segments: list[list[tuple[int, int]]] = []
     for r, row in enumerate(rows):
+        segments.append([])
         at = 0
         for d, e in enumerate(row):
             n = len(e.input_ids)
@@ -72,15 +74,10 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_token_id: int) -> Batc
             labels[r, at : at + n] = doc_labels
             positions[r, at : at + n] = torch.arange(n)
             documents[r, at : at + n] = d
+            segments[r].append((at, n))
             at += n
     mask = (documents != PAD_DOCUMENT).long()
-    return Batch(
-        input_ids=ids,
-        attention_mask=mask,
-        labels=labels,
-        num_tokens=int(mask.sum()),
-        num_label_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-        position_ids=positions,
-        document_ids=documents,
-        num_documents=sum(len(row) for row in rows),
+    return Batch.from_tensors(
+        ids, mask, labels, position_ids=positions, document_ids=documents, segments=segments,
+        num_documents=sum(len(r) for r in rows),
     )

@@ -1,8 +1,11 @@
 """Attention backend choice and the masks that keep packed documents apart.
 
 Measured here: transformers' sdpa, flex and eager paths do not separate documents from reset
-position ids alone, so every backend but flash-attn's varlen kernel gets an explicit mask:
-- sdpa: a boolean block-diagonal causal mask [B, 1, T, T];
+position ids alone, so every backend but a varlen kernel keeps documents apart explicitly:
+- sdpa (as configured: `document_sdpa` below): attention runs per document, each a causal
+  sdpa call on its own slice, so a packed row costs sum(n_i^2) instead of T^2 and no mask is
+  built; unpacked batches take transformers' own sdpa path unchanged;
+- plain transformers sdpa (models loaded outside ftdist): a boolean block-diagonal causal mask;
 - eager: the same as an additive float mask (0 / dtype min), which is what eager expects;
 - flex_attention: a BlockMask built from the per-token document ids;
 - flash_attention_2: no mask; transformers derives cu_seqlens from the restarting position ids.
@@ -15,9 +18,48 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 from ftdist.config import ConfigError
 from ftdist.data.loader import Batch
+
+
+DOCUMENT_SDPA = "ftdist_document_sdpa"
+
+
+def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: per-document causal sdpa when `document_segments` is given.
+
+    query [B, H, T, D], key/value [B, H_kv, T, D]; returns ([B, T, H, D], None) like sdpa.
+    """
+    segments = kwargs.pop("document_segments", None)
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    p = dropout if module.training else 0.0
+    rows = []
+    for b, row in enumerate(segments):
+        pieces = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s : s + n], key[b : b + 1, :, s : s + n], value[b : b + 1, :, s : s + n],
+                is_causal=True, scale=scaling, dropout_p=p, enable_gqa=True,
+            )
+            for s, n in row
+        ]
+        used = sum(n for _, n in row)
+        if used < query.size(2):  # padding after the last document: no label, no attention
+            pieces.append(query.new_zeros(1, query.size(1), query.size(2) - used, query.size(3)))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def register_attention_functions() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DOCUMENT_SDPA, document_sdpa_attention)
+    AttentionMaskInterface.register(DOCUMENT_SDPA, sdpa_mask)
 
 
 def flash_attn_available() -> bool:
@@ -59,6 +101,9 @@ def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> 
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if attn_implementation == "flash_attention_2":
+        return inputs
+    if attn_implementation == DOCUMENT_SDPA:
+        inputs["document_segments"] = batch.segments
         return inputs
     if attn_implementation == "flex_attention":
         inputs["attention_mask"] = flex_block_mask(batch.document_ids)

@@ -13,7 +13,7 @@ from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, 
 from ftdist.data.loader import IGNORE_INDEX, GlobalBatchSampler
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
-from ftdist.model.attention import model_inputs
+from ftdist.model.attention import DOCUMENT_SDPA, model_inputs, register_attention_functions
 from ftdist.parallel.base import Strategy
 from ftdist.trainer import Trainer
 from helpers import random_examples
@@ -55,7 +55,10 @@ def test_collate_restarts_positions_and_never_labels_across_documents():
     assert batch.num_label_tokens == 5
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex_attention"])
+register_attention_functions()
+
+
+@pytest.mark.parametrize("backend", [DOCUMENT_SDPA, "sdpa", "eager", "flex_attention"])
 def test_packed_document_logits_equal_the_document_alone(tiny_model_dir, backend):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=backend).eval()
     model.requires_grad_(False)  # flex_attention has no CPU backward; inference is what is compared
@@ -95,7 +98,7 @@ def make_trainer(tmp_path, model, tokenizer, examples, packing: bool, micro: int
     return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:5], tmp_path)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", [DOCUMENT_SDPA, "sdpa", "eager"])
 def test_packed_batch_loss_and_gradients_equal_padded(tiny_model_dir, tiny_tokenizer, tmp_path, attn):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     examples = random_examples(12, seed=7)
