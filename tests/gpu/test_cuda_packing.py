@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ftdist.data.packing import collate_packed
-from ftdist.model.attention import model_inputs
+from ftdist.model.attention import DOCUMENT_SDPA, model_inputs, register_attention_functions
 from helpers import random_examples
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +21,10 @@ FLEX_OPEN = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("backend", [pytest.param("flex_attention", marks=FLEX_OPEN), "sdpa"])
+register_attention_functions()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("flex_attention", marks=FLEX_OPEN), "sdpa", DOCUMENT_SDPA])
 def test_packed_logits_match_alone_on_cuda_bf16(tiny_model_dir, backend):
     if not torch.cuda.is_available():
         pytest.fail("FTDIST_TEST_GPU=1 but no CUDA device is visible")
