@@ -10,8 +10,9 @@ composition, with messages that name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -38,10 +39,10 @@ class TinyModelSpec:
 @dataclass
 class ModelConfig:
     # A local directory or a hub name for from_pretrained; unused when `tiny` is set.
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     # Set by model=tiny: build (once) and load a tiny local Llama instead of name_or_path.
-    tiny: Optional[TinyModelSpec] = None
-    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    tiny: TinyModelSpec | None = None
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
     dtype: str = "fp32"  # parameter dtype: fp32 | bf16
     # auto: flash_attention_2 where flash-attn and CUDA are present, else sdpa (exact document
     # masks when packing) | flash_attention_2 | flex_attention | sdpa | eager
@@ -56,7 +57,7 @@ class DataFields:
 
     prompt: str = "prompt"
     response: str = "response"
-    input: Optional[str] = None  # optional context appended to the prompt (instruction)
+    input: str | None = None  # optional context appended to the prompt (instruction)
     messages: str = "messages"  # chat: list of {role, content}
     text: str = "text"  # text: plain causal LM
 
@@ -68,9 +69,9 @@ class DataConfig:
     format: str = "instruction"  # instruction | chat | text
     fields: DataFields = field(default_factory=DataFields)
     split: str = "train"  # split name for hub datasets
-    validation_path: Optional[str] = None  # a separate validation file; else val_fraction
+    validation_path: str | None = None  # a separate validation file; else val_fraction
     val_fraction: float = 0.05  # seeded fraction held out when validation_path is unset
-    max_val_examples: Optional[int] = None  # cap on held-out rows (keeps evaluation cheap)
+    max_val_examples: int | None = None  # cap on held-out rows (keeps evaluation cheap)
     max_seq_len: int = MISSING
     template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
     train_on_prompt: bool = False
@@ -104,14 +105,14 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr, for cosine and linear
-    max_steps: Optional[int] = None  # optimizer steps; else derived from epochs
+    max_steps: int | None = None  # optimizer steps; else derived from epochs
     epochs: float = 1.0
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0  # null disables clipping
+    max_grad_norm: float | None = 1.0  # null disables clipping
     mixed_precision: str = "auto"  # auto (bf16 autocast on CUDA with bf16) | bf16 | none
     log_every_steps: int = 1
-    eval_every_steps: Optional[int] = None  # null: evaluate only at the start and the end
+    eval_every_steps: int | None = None  # null: evaluate only at the start and the end
     eval_at_start: bool = True
     eval_batch_size: int = 8
     save_final: bool = True
@@ -203,7 +204,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 def validate(cfg: FtdistConfig) -> None:
     """Cross-field checks on a composed config; raises ConfigError naming the key."""
     for key in ("data.path", "data.max_seq_len", "output_dir"):
-        if OmegaConf.is_missing(cfg, key) if isinstance(cfg, DictConfig) else _get(cfg, key) is MISSING:
+        if _get(cfg, key) == MISSING:  # a schema object built in code, not through Hydra
             raise ConfigError(f"{key} must be set (e.g. {key}=...)")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -248,17 +249,14 @@ def validate(cfg: FtdistConfig) -> None:
 # --- command-line pre-check -------------------------------------------------------------------
 
 
-def _schema_fields(schema: type) -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(schema)}
-
-
-def _nested_schema(f: dataclasses.Field) -> Optional[type]:
-    """The dataclass type a field holds (through Optional), or None for a leaf."""
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, globals())  # noqa: S307 (own types)
-    for candidate in (tp, *getattr(tp, "__args__", ())):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+def _schema_fields(schema: type) -> dict[str, type | None]:
+    """Each field of a schema, mapped to the schema it nests (through Optional) or None for a leaf."""
+    hints = typing.get_type_hints(schema)
+    out: dict[str, type | None] = {}
+    for f in dataclasses.fields(schema):
+        tp = hints[f.name]
+        out[f.name] = next((c for c in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(c)), None)
+    return out
 
 
 def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ("experiment",)) -> None:
@@ -271,12 +269,12 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ("experi
         if "=" not in raw or raw.startswith(("hydra.", "~", "--")):
             continue
         key = raw.split("=", 1)[0].lstrip("+")
-        if key.startswith("hydra.") or key.startswith("hydra/"):
+        if key.startswith(("hydra.", "hydra/")):
             continue
         parts = key.split(".")
         if len(parts) == 1 and (parts[0] in GROUP_SCHEMAS or parts[0] in groups):
             continue  # a group choice
-        schema: Optional[type] = FtdistConfig
+        schema: type | None = FtdistConfig
         path: list[str] = []
         for part in parts:
             fields = _schema_fields(schema)
@@ -287,7 +285,7 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...] = ("experi
                     f"Valid keys there: {', '.join(sorted(fields))}"
                 )
             path.append(part)
-            schema = _nested_schema(fields[part])
+            schema = fields[part]
             if schema is None:
                 break
 
@@ -299,14 +297,25 @@ def check_known_keys(dcfg: DictConfig, schema: type = FtdistConfig, prefix: str 
     OmegaConf.to_object would then drop the key silently.
     """
     fields = _schema_fields(schema)
-    for key in dcfg.keys():
+    for key in dcfg:
         full = f"{prefix}{key}"
         if key not in fields:
             raise ConfigError(
                 f"unknown config key '{full}'. Valid keys of {prefix.rstrip('.') or 'the top level'}: "
                 f"{', '.join(sorted(fields))}"
             )
-        nested = _nested_schema(fields[key])
+        nested = fields[key]
         value = dcfg._get_node(key)
         if nested is not None and isinstance(value, DictConfig) and not value._is_none():
             check_known_keys(value, nested, f"{full}.")
+
+
+def load_config(dcfg: DictConfig) -> FtdistConfig:
+    """The typed, checked config of a composed Hydra config: every check, in one place."""
+    check_known_keys(dcfg)
+    missing = sorted(OmegaConf.missing_keys(dcfg))
+    if missing:
+        raise ConfigError(f"required keys not set: {', '.join(missing)} (set them, e.g. {missing[0]}=...)")
+    cfg = OmegaConf.to_object(dcfg)
+    validate(cfg)
+    return cfg

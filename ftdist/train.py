@@ -18,14 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftdist.config import (
-    ConfigError,
-    FtdistConfig,
-    check_known_keys,
-    check_override_keys,
-    register_schemas,
-    validate,
-)
+from ftdist.config import ConfigError, check_override_keys, load_config, register_schemas
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_BAD_INPUT = 2
@@ -66,12 +59,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     from ftdist.parallel import build_strategy
     from ftdist.trainer import Trainer
 
-    check_known_keys(dcfg)
-    missing = sorted(OmegaConf.missing_keys(dcfg))
-    if missing:
-        raise ConfigError(f"required keys not set: {', '.join(missing)} (set them, e.g. {missing[0]}=...)")
-    cfg: FtdistConfig = OmegaConf.to_object(dcfg)
-    validate(cfg)
+    cfg = load_config(dcfg)
     strategy = build_strategy(cfg.strategy)
     try:
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)

@@ -22,8 +22,8 @@ from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
-from ftdist.model.attention import model_inputs
 from ftdist.metrics import device_peak_flops, peak_memory_gb, train_flops_per_token
+from ftdist.model.attention import model_inputs
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
 from ftdist.tracking import MetricsWriter

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
-import random
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

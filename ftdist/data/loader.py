@@ -10,8 +10,8 @@ no example is ever dropped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,17 +66,17 @@ class Batch:
     num_tokens: int  # real (non-padding) tokens
     num_label_tokens: int  # tokens that carry a loss after the next-token shift
     # Packed rows only: positions restart per document; document id per token (-1: padding).
-    position_ids: Optional[torch.Tensor] = None
-    document_ids: Optional[torch.Tensor] = None
+    position_ids: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
     num_documents: int = 0
-    segments: Optional[list] = None  # per row: (start, length) of each document
+    segments: list | None = None  # per row: (start, length) of each document
 
     def __post_init__(self):
         if not self.num_documents and self.document_ids is None:
             self.num_documents = self.input_ids.size(0)
 
     @classmethod
-    def from_tensors(cls, input_ids, attention_mask, labels, **packed) -> "Batch":
+    def from_tensors(cls, input_ids, attention_mask, labels, **packed) -> Batch:
         """A batch with its token counts computed from the tensors (one rule for every layout)."""
         return cls(
             input_ids=input_ids,
@@ -92,8 +92,8 @@ class Batch:
         """Token positions computed, padding included (the denominator of packing efficiency)."""
         return self.input_ids.numel()
 
-    def to(self, device: torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)
         return replace(
             self,
             input_ids=move(self.input_ids),

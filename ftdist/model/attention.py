@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from ftdist.config import ConfigError
 from ftdist.data.loader import Batch
 
-
 DOCUMENT_SDPA = "ftdist_document_sdpa"
 
 
@@ -67,13 +66,23 @@ def flash_attn_available() -> bool:
 
 
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """The name to load the model with for `model.attn_implementation` on `device`.
+
+    sdpa loads as ftdist's document-aware sdpa, which is transformers' sdpa for unpacked batches.
+    """
+    has_flash = device.type == "cuda" and flash_attn_available()
     if requested == "auto":
-        return "flash_attention_2" if device.type == "cuda" and flash_attn_available() else "sdpa"
-    if requested == "flash_attention_2" and not (device.type == "cuda" and flash_attn_available()):
+        requested = "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
         raise ConfigError(
             "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA device; "
             "use auto, sdpa or flex_attention"
         )
+    if requested == "flex_attention" and device.type == "cpu":
+        raise ConfigError("model.attn_implementation=flex_attention has no backward pass on CPU; use sdpa or eager")
+    if requested == "sdpa":
+        register_attention_functions()
+        return DOCUMENT_SDPA
     return requested
 
 

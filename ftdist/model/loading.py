@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ftdist.config import ConfigError, ModelConfig
-from ftdist.model.attention import DOCUMENT_SDPA, register_attention_functions, resolve_attn_implementation
+from ftdist.model.attention import resolve_attn_implementation
 from ftdist.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     return tok
 
 
-def loaded_attention(attn: str) -> str:
-    """sdpa loads as ftdist's document-aware sdpa (identical for unpacked batches)."""
-    if attn != "sdpa":
-        return attn
-    register_attention_functions()
-    return DOCUMENT_SDPA
-
-
 def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
@@ -66,15 +58,13 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     tokenizer = load_tokenizer(cfg, path)
     dtype = DTYPES[cfg.dtype]
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
-    if attn == "flex_attention" and device.type == "cpu":
-        raise ConfigError("model.attn_implementation=flex_attention has no backward pass on CPU; use sdpa or eager")
     if dtype == torch.bfloat16 and device.type == "cpu":
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            attn_implementation=loaded_attention(attn),
+            attn_implementation=attn,
             trust_remote_code=cfg.trust_remote_code,
         )
     except OSError as e:

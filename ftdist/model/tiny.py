@@ -23,7 +23,6 @@ from ftdist.config import TinyModelSpec
 from ftdist.data import synthetic
 from ftdist.data.synthetic import tokenizer_corpus
 
-
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Turns are delimited by special tokens, so a prefix of the conversation always tokenizes to

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_examples
 from transformers import AutoModelForCausalLM
 
 from ftdist.data.packing import collate_packed
 from ftdist.model.attention import DOCUMENT_SDPA, model_inputs, register_attention_functions
-from helpers import random_examples
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import FAST, read_metrics, run_train
 
 pytestmark = pytest.mark.gpu

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import shared_dataset
+from helpers import FAST, read_metrics, run_train
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
-from conftest import shared_dataset
-from helpers import FAST, read_metrics, run_train
 from ftdist.model.loading import resolve_model_path
 from ftdist.train import CONF_DIR, run
 

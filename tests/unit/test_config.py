@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
-from ftdist.config import ConfigError, FtdistConfig, check_known_keys, check_override_keys, validate
+from ftdist.config import ConfigError, FtdistConfig, check_override_keys, load_config
 from ftdist.train import CONF_DIR, register_schemas
 
 register_schemas()
@@ -23,10 +22,7 @@ REQUIRED = {"data": ["data.path=x.jsonl"], "model/hf": ["model.name_or_path=some
 def compose_config(overrides: list[str]) -> FtdistConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         dcfg = compose("config", overrides=["output_dir=/tmp/x", *overrides])
-    check_known_keys(dcfg)
-    cfg = OmegaConf.to_object(dcfg)
-    validate(cfg)
-    return cfg
+    return load_config(dcfg)
 
 
 def shipped_group_options():

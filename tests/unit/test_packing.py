@@ -7,16 +7,16 @@ import random
 
 import pytest
 import torch
+from helpers import random_examples
 from transformers import AutoModelForCausalLM
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
-from ftdist.data.loader import IGNORE_INDEX, GlobalBatchSampler
+from ftdist.data.loader import GlobalBatchSampler
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.model.attention import DOCUMENT_SDPA, model_inputs, register_attention_functions
 from ftdist.parallel.base import Strategy
 from ftdist.trainer import Trainer
-from helpers import random_examples
 
 
 def test_pack_documents_places_every_document_once_within_capacity():
