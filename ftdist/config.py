@@ -40,6 +40,9 @@ class TinyModelSpec:
 class ModelConfig:
     # A local directory or a hub name for from_pretrained; unused when `tiny` is set.
     name_or_path: str | None = None
+    # A known architecture (see ftdist/model/architectures.py, e.g. llama-3.1-8b): its config is
+    # known without a download, which dry_run uses to build the model on the meta device.
+    architecture: str | None = None
     # Set by model=tiny: build (once) and load a tiny local Llama instead of name_or_path.
     tiny: TinyModelSpec | None = None
     tokenizer: str | None = None  # defaults to the model's own tokenizer
@@ -85,14 +88,31 @@ class DataConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "single"  # single | ddp
+    name: str = "single"  # single | ddp | fsdp | deepspeed
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
     timeout_s: int = 600  # process-group timeout
+    # fsdp (FSDP2 fully_shard per decoder block, then the root)
+    reshard_after_forward: bool = True  # free gathered blocks after forward (ZeRO-3-like)
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live on CPU
+    # deepspeed
+    zero_stage: int = 3  # 1 | 2 | 3
+    offload_optimizer: bool = False  # optimizer state (and its step) on CPU
+    offload_params: bool = False  # parameters on CPU between uses (stage 3 only)
+    # torch: torch.optim.AdamW (no op build) | deepspeed: DeepSpeed's fused/CPU Adam
+    optimizer: str = "torch"
 
 
 @dataclass
 class PeftConfig:
-    method: str = "none"
+    method: str = "none"  # none | lora | qlora (4-bit NF4 base + LoRA) | dora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Module names to adapt; all-linear: every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # qlora: storage dtype of the packed 4-bit weights; auto: the dtype FSDP shards (model.dtype
+    # where it is bf16, else bf16), so FSDP2 can treat them as ordinary parameters.
+    quant_storage: str = "auto"
 
 
 @dataclass
@@ -145,6 +165,9 @@ class FtdistConfig:
     seed: int = 0
     output_dir: str = MISSING
     experiment_name: str = "default"
+    # Build the model on the meta device (no weights, no download), print parameter counts,
+    # the sharding plan and a per-rank memory estimate, and exit.
+    dry_run: bool = False
 
 
 GROUP_SCHEMAS = {
@@ -172,9 +195,12 @@ CHOICES = {
     "data.format": ("instruction", "chat", "text"),
     "data.template": ("auto", "chat", "plain"),
     "data.on_bad_row": ("error", "skip"),
-    "strategy.name": ("single", "ddp"),
+    "strategy.name": ("single", "ddp", "fsdp", "deepspeed"),
     "strategy.backend": ("auto", "gloo", "nccl"),
-    "peft.method": ("none",),
+    "strategy.zero_stage": (1, 2, 3),
+    "strategy.optimizer": ("torch", "deepspeed"),
+    "peft.method": ("none", "lora", "qlora", "dora"),
+    "peft.quant_storage": ("auto", "bf16", "fp32", "uint8"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "none"),
     "tracking.backend": ("none",),
@@ -191,6 +217,7 @@ POSITIVE = (
     "eval.max_new_tokens",
     "eval.batch_size",
     "strategy.timeout_s",
+    "peft.r",
 )
 
 
@@ -244,6 +271,37 @@ def validate(cfg: FtdistConfig) -> None:
         )
     if cfg.eval.exact_match_samples < 0:
         raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
+    validate_parallel(cfg)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def validate_parallel(cfg: FtdistConfig) -> None:
+    """Strategy x PEFT combinations that cannot work, rejected before anything launches."""
+    s, p = cfg.strategy, cfg.peft
+    if s.name == "deepspeed" and not cfg.dry_run and not _installed("deepspeed"):
+        raise ConfigError("strategy=zero* needs DeepSpeed: pip install 'ftdist[deepspeed]'")
+    if p.method == "qlora" and not cfg.dry_run and not _installed("bitsandbytes"):
+        raise ConfigError("peft=qlora needs bitsandbytes: pip install 'ftdist[bnb]'")
+    if p.method == "qlora" and s.name == "deepspeed":
+        raise ConfigError(
+            "peft=qlora with strategy=zero*: DeepSpeed ZeRO cannot partition bitsandbytes 4-bit weights; "
+            "use strategy=fsdp (FSDP2 shards them), ddp or single, or peft=lora with DeepSpeed"
+        )
+    if s.offload_params and not (s.name == "deepspeed" and s.zero_stage == 3):
+        raise ConfigError("strategy.offload_params=true needs DeepSpeed ZeRO stage 3 (strategy=zero3_offload)")
+    if s.offload_optimizer and s.name != "deepspeed":
+        raise ConfigError("strategy.offload_optimizer=true is a DeepSpeed option; with FSDP use strategy.cpu_offload")
+    if s.cpu_offload and s.name != "fsdp":
+        raise ConfigError("strategy.cpu_offload=true is an FSDP option; with DeepSpeed use strategy=zero3_offload")
+    if p.method != "none" and (p.alpha <= 0 or not 0.0 <= p.dropout < 1.0):
+        raise ConfigError(f"peft.alpha must be > 0 and peft.dropout in [0, 1) (got {p.alpha}, {p.dropout})")
+    if p.method != "none" and not p.target_modules:
+        raise ConfigError("peft.target_modules is empty: name modules to adapt, or all-linear")
 
 
 # --- command-line pre-check -------------------------------------------------------------------

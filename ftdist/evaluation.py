@@ -31,10 +31,19 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device) -> list[str]:
+def generate_responses(
+    model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device, synced_chunks: int | None = None
+) -> list[str]:
+    """Greedy responses. synced_chunks: under sharded parameters, run exactly that many generate
+    calls in lock-step with the other ranks (padding with a repeated prompt) and sync each one."""
     out: list[str] = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
+    chunks = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    extra = {}
+    if synced_chunks is not None:
+        filler = [prompts[0] if prompts else [tokenizer.pad_token_id]]
+        chunks += [filler] * (synced_chunks - len(chunks))
+        extra["synced_gpus"] = True
+    for chunk in chunks:
         ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
         generated = model.generate(
             input_ids=ids.to(device),
@@ -44,10 +53,11 @@ def generate_responses(model, tokenizer, prompts: list[list[int]], cfg: EvalConf
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=_stop_ids(model, tokenizer),
+            **extra,
         )
         new_tokens = generated[:, ids.shape[1] :]
         out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return out
+    return out[: len(prompts)]
 
 
 def exact_match(model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy) -> tuple[float, float]:
@@ -56,8 +66,12 @@ def exact_match(model, tokenizer, examples: list[Example], cfg: EvalConfig, stra
     usable = usable[: cfg.exact_match_samples]
     mine = usable[strategy.rank :: strategy.world_size]
     correct = 0
-    if mine:
-        texts = generate_responses(model, tokenizer, [e.prompt_ids for e in mine], cfg, strategy.device)
+    synced = None
+    if strategy.shards_parameters:
+        most = len(usable[0 :: strategy.world_size])  # rank 0 always has the most
+        synced = -(-most // cfg.batch_size)
+    if mine or synced:
+        texts = generate_responses(model, tokenizer, [e.prompt_ids for e in mine], cfg, strategy.device, synced)
         correct = sum(t.strip() == e.reference.strip() for t, e in zip(texts, mine))
     total_correct, total = strategy.all_reduce_sum([correct, len(mine)])
     return total_correct, total

@@ -55,16 +55,18 @@ def lr_multiplier(step: int, cfg: FtdistConfig, total_steps: int) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
 
-def autocast_context(cfg: FtdistConfig, device: torch.device):
+def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:
     mode = cfg.train.mixed_precision
     if mode == "auto":
         # Only where bf16 is fast: on CPUs without bf16 units autocast is ~80x slower.
-        use = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use = mode == "bf16"
-    if not use:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return mode == "bf16"
+
+
+def dummy_batch(pad_token_id: int) -> Batch:
+    """A one-token batch with no label: a forward that keeps sharded ranks in step."""
+    ids = torch.full((1, 1), pad_token_id, dtype=torch.long)
+    return Batch.from_tensors(ids, torch.ones_like(ids), torch.full_like(ids, -100))
 
 
 class Trainer:
@@ -101,10 +103,12 @@ class Trainer:
         self.model_dtype = next(model.parameters()).dtype
         self.flops_per_token = train_flops_per_token(model)
         self.peak_flops = device_peak_flops(self.device)
-        self.model = strategy.wrap(model)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, cfg, self.total_steps)
+        self.bf16 = use_bf16(cfg, self.device)
+        self.model, self.optimizer, self.scheduler = strategy.prepare(
+            model,
+            lambda m: build_optimizer(m, cfg),
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, self.total_steps)),
+            self.bf16,
         )
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main)
         self.step = 0
@@ -127,7 +131,8 @@ class Trainer:
         return collate([examples[item[0]] for item in items], pad)
 
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        with autocast_context(self.cfg, self.device):
+        autocast = self.bf16 and not self.strategy.handles_mixed_precision
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             return model(**model_inputs(batch, self.attn_implementation, self.model_dtype)).logits
 
     def forward_backward(self, batches: list[Batch]) -> dict:
@@ -150,7 +155,7 @@ class Trainer:
             # Gradients are reduced across ranks once, on the last micro-batch.
             with contextlib.nullcontext() if last else strategy.no_sync(self.model):
                 micro_loss = sft_loss_sum(self.logits(self.model, batch), batch.labels)
-                (micro_loss * (strategy.grad_reduction_factor / denominator)).backward()
+                strategy.backward(self.model, micro_loss * (strategy.grad_reduction_factor / denominator))
             loss_sum += micro_loss.item()
         (global_loss_sum,) = strategy.all_reduce_sum([loss_sum])
         return {
@@ -169,13 +174,9 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used)."""
-        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), lr
+        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+        return grad_norm, lr
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -213,10 +214,17 @@ class Trainer:
         model.eval()
         loss_sum, count = 0.0, 0
         lengths = [sum(len(self.val_examples[i].input_ids) for i in item) for item in self.val_items]
-        for idx in eval_batches(lengths, self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size):
+        rank, world, size = self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size
+        mine = eval_batches(lengths, rank, world, size)
+        for idx in mine:
             batch = self.collate_items(self.val_examples, [self.val_items[j] for j in idx]).to(self.device)
             loss_sum += sft_loss_sum(self.logits(model, batch), batch.labels).item()
             count += batch.num_label_tokens
+        if self.strategy.shards_parameters:
+            # Sharded forwards are collectives: match the rank with the most batches, results unused.
+            most = max(len(eval_batches(lengths, r, world, size)) for r in range(world))
+            for _ in range(most - len(mine)):
+                self.logits(model, dummy_batch(self.tokenizer.pad_token_id).to(self.device))
         total_loss, total_count = self.strategy.all_reduce_sum([loss_sum, count])
         record = {"step": self.step, "eval_loss": total_loss / max(total_count, 1.0), "eval_label_tokens": int(total_count)}
         if with_generation and self.cfg.eval.exact_match_samples > 0:
@@ -292,10 +300,16 @@ class Trainer:
     def save_final(self) -> Path | None:
         """The trained model in Hugging Face format (rank 0 writes; every rank waits)."""
         final = self.run_dir / "final"
+        is_peft = self.cfg.peft.method != "none"
+        # Every rank takes part in gathering sharded weights; rank 0 alone writes them.
+        state = self.strategy.full_state_dict(self.model, trainable_only=is_peft)
         if self.strategy.is_main:
             model = self.strategy.unwrap(self.model)
             model.config.use_cache = True  # training turned it off; users generate with it
-            model.save_pretrained(final, safe_serialization=True)
+            if is_peft:
+                model.save_pretrained(final, state_dict=state)  # the adapter alone
+            else:
+                model.save_pretrained(final, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
         self.strategy.barrier()
         return final

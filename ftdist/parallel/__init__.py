@@ -11,11 +11,19 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
         if launched_world_size() > 1:
             raise ConfigError(
                 f"strategy=single but WORLD_SIZE={launched_world_size()} (launched by torchrun): "
-                "use strategy=ddp for more than one process"
+                "use strategy=ddp, fsdp or zero* for more than one process"
             )
         return Strategy(cfg)
     if cfg.name == "ddp":
         from ftdist.parallel.ddp import DDPStrategy
 
         return DDPStrategy(cfg)
+    if cfg.name == "fsdp":
+        from ftdist.parallel.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg)
+    if cfg.name == "deepspeed":
+        from ftdist.parallel.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg)
     raise ConfigError(f"strategy.name={cfg.name!r} is not implemented")

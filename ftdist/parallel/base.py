@@ -1,8 +1,9 @@
 """What every parallel strategy provides, and the process-group plumbing they share.
 
 Model code knows nothing of parallelism: a strategy takes a built model and wraps it. The
-trainer sees only this interface: wrap, no_sync (gradient accumulation), all-reduce of a
-few scalars, and unwrap for evaluation and saving.
+trainer sees only this interface: prepare (wrap the model, build optimizer and schedule),
+no_sync and backward (gradient accumulation), optimizer_step (clip, step, schedule),
+all-reduce of a few scalars, unwrap for evaluation, and full_state_dict for saving.
 """
 
 from __future__ import annotations
@@ -71,8 +72,48 @@ class Strategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # True where parameters are sharded, so every forward is a collective: all ranks must run
+    # the same number of forwards (evaluation pads with dummy batches, generation syncs).
+    shards_parameters = False
+    # True where the strategy computes in bf16 itself (FSDP mixed precision, DeepSpeed bf16), so
+    # the trainer must not autocast on top.
+    handles_mixed_precision = False
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    def prepare(self, model: torch.nn.Module, make_optimizer, make_scheduler, bf16: bool):
+        """(model, optimizer, scheduler) ready to train: the model wrapped, then the optimizer
+        built over the wrapped parameters (sharded ones, where the strategy shards)."""
+        wrapped = self.wrap(model)
+        optimizer = make_optimizer(wrapped)
+        return wrapped, optimizer, make_scheduler(optimizer)
+
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, model, optimizer, scheduler, max_norm: float | None) -> float:
+        """Clip, step, advance the schedule, zero the gradients; returns the pre-clip grad norm."""
+        limit = max_norm if max_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict | None:
+        """The unsharded state dict on CPU on rank 0 (None elsewhere); every rank must call it.
+
+        trainable_only keeps only parameters that train (PEFT adapters): a 70B base is never
+        gathered to save an adapter.
+        """
+        module = self.unwrap(model)
+        if trainable_only:
+            names = {n for n, p in module.named_parameters() if p.requires_grad}
+            return {k: v.detach().cpu() for k, v in module.state_dict().items() if k in names}
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -88,6 +129,9 @@ class Strategy:
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        return list(values)
+
     def broadcast_object(self, obj):
         return obj
 
@@ -96,3 +140,38 @@ class Strategy:
 
     def shutdown(self) -> None:
         pass
+
+
+class DistributedStrategy(Strategy):
+    """A process group (torchrun's env:// or a one-process group) and the collectives on it."""
+
+    def __init__(self, cfg: StrategyConfig):
+        self.cfg = cfg
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = pick_device(self.local_rank)
+        init_process_group(cfg, self.device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = dist.get_backend()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
