@@ -78,7 +78,8 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
             (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         log.info("data: %s", json.dumps(report.to_dict()))
 
-        loaded = load_model(cfg.model, strategy.device)
+        with strategy.loading_context():
+            loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
         summary = trainer.fit()
         if cfg.train.save_final:

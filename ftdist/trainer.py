@@ -108,6 +108,7 @@ class Trainer:
             model,
             lambda m: build_optimizer(m, cfg),
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg, self.total_steps)),
+            cfg.train,
             self.bf16,
         )
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main)

@@ -51,7 +51,7 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+def load_model(cfg: ModelConfig, device: torch.device, peft=None, strategy=None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg)

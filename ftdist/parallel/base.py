@@ -16,7 +16,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from ftdist.config import ConfigError, StrategyConfig
+from ftdist.config import ConfigError, StrategyConfig, TrainConfig
 
 
 def launched_world_size() -> int:
@@ -82,9 +82,16 @@ class Strategy:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def prepare(self, model: torch.nn.Module, make_optimizer, make_scheduler, bf16: bool):
+    def loading_context(self):
+        """Active while the model is loaded (DeepSpeed ZeRO-3: zero.Init partitions as it loads)."""
+        return contextlib.nullcontext()
+
+    def prepare(self, model: torch.nn.Module, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
         """(model, optimizer, scheduler) ready to train: the model wrapped, then the optimizer
-        built over the wrapped parameters (sharded ones, where the strategy shards)."""
+        built over the wrapped parameters (sharded ones, where the strategy shards).
+
+        train gives the batch geometry and clipping to backends that need them up front
+        (DeepSpeed's config); bf16 is whether this run computes in bf16."""
         wrapped = self.wrap(model)
         optimizer = make_optimizer(wrapped)
         return wrapped, optimizer, make_scheduler(optimizer)
