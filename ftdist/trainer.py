@@ -310,6 +310,10 @@ class Trainer:
             if is_peft:
                 model.save_pretrained(final, state_dict=state)  # the adapter alone
             else:
+                # A gathered state dict names tied weights twice; save_pretrained given one
+                # does not drop the copy, so drop it here (from_pretrained re-ties it).
+                for key in getattr(model, "all_tied_weights_keys", None) or {}:
+                    state.pop(key, None)
                 model.save_pretrained(final, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(final)
         self.strategy.barrier()

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ftdist.config import ConfigError, ModelConfig
+from ftdist.config import ConfigError, ModelConfig, PeftConfig
+from ftdist.model.adapters import apply_adapters, keep_4bit_weights_trainable, quantization_config
 from ftdist.model.attention import resolve_attn_implementation
 from ftdist.model.tiny import ensure_tiny_model
 
@@ -51,8 +52,16 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device, peft=None, strategy=None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
+def load_model(
+    cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None
+) -> LoadedModel:
+    """The model with its adapters, on `device`, or as the strategy needs it to shard.
+
+    Under a strategy that loads on rank 0 only (FSDP), rank 0 loads the weights to CPU and every
+    other rank builds the same model on the meta device; the strategy moves rank 0's weights
+    into the shards. A 4-bit base is quantized while it loads, on every rank's own device.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
@@ -60,17 +69,30 @@ def load_model(cfg: ModelConfig, device: torch.device, peft=None, strategy=None)
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
     if dtype == torch.bfloat16 and device.type == "cpu":
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
+    quant = quantization_config(peft, dtype)
+    deferred = quant is None and strategy is not None and strategy.loads_on_rank0_only
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        if deferred and not strategy.is_main:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+                )
+        else:
+            extra = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **extra
+            )
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
+    if quant is not None:
+        keep_4bit_weights_trainable(model)
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with DDP and with frozen inputs (PEFT later).
+        # Non-reentrant checkpointing works with DDP and with a frozen base under PEFT.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # caches are for generation, not training
-    return LoadedModel(model=model.to(device), tokenizer=tokenizer, path=path, attn_implementation=attn)
+    if peft is not None:
+        model = apply_adapters(model, peft)
+    if not deferred and quant is None:
+        model = model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, attn_implementation=attn)

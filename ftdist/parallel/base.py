@@ -78,6 +78,9 @@ class Strategy:
     # True where the strategy computes in bf16 itself (FSDP mixed precision, DeepSpeed bf16), so
     # the trainer must not autocast on top.
     handles_mixed_precision = False
+    # True where rank 0 alone loads the weights and the other ranks build on the meta device;
+    # prepare() then fills every rank's shards from rank 0 (FSDP).
+    loads_on_rank0_only = False
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

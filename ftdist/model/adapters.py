@@ -1,0 +1,78 @@
+"""PEFT adapters (LoRA, DoRA) and the 4-bit base model of QLoRA, through peft and bitsandbytes.
+
+Named `adapters` rather than `peft` so it never shadows the peft package it imports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftdist.config import ConfigError, PeftConfig
+
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype):
+    """bitsandbytes 4-bit NF4 with double quantization for peft=qlora, else None.
+
+    The packed 4-bit weights are stored as bf16 by default: FSDP2 casts parameters to its bf16
+    compute dtype after gathering them, which leaves bf16 storage intact but would destroy
+    uint8-packed weights; and every rank's shard stays a plain tensor FSDP can split.
+    """
+    if peft is None or peft.method != "qlora":
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:  # pragma: no cover - transformers always ships it
+        raise ConfigError(f"peft=qlora: {e}") from e
+    storage = STORAGE_DTYPES["bf16" if peft.quant_storage == "auto" else peft.quant_storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during evaluation.
+
+    bitsandbytes 0.50 converts a Linear4bit's weight to an inference-only CPU layout the first
+    time it runs in eval mode, and never converts it back: training after an evaluation then
+    runs a kernel without autograd and silently drops the gradient through the frozen base
+    (measured here: the adapters of earlier layers got wrong gradients).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(peft: PeftConfig):
+    from peft import LoraConfig
+
+    targets = peft.target_modules
+    return LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        # peft's "all-linear" adapts every linear layer except the output head.
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        use_dora=peft.method == "dora",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_adapters(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Module:
+    """The model with trainable adapters and a frozen base (unchanged for peft=none)."""
+    if peft.method == "none":
+        return model
+    from peft import get_peft_model
+
+    try:
+        wrapped = get_peft_model(model, lora_config(peft))
+    except ValueError as e:  # e.g. a target module name that matches nothing
+        raise ConfigError(f"peft.target_modules={list(peft.target_modules)}: {e}") from e
+    if not any(p.requires_grad for p in wrapped.parameters()):
+        raise ConfigError("peft: no parameter is trainable; check peft.target_modules")
+    return wrapped

@@ -1,0 +1,108 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+
+Each decoder block is one FSDP unit, then the root (embeddings, final norm, head), so only one
+block's full weights exist at a time. Rank 0 alone loads the weights (other ranks build on the
+meta device) and they are scattered into every rank's shards after sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ftdist.config import ConfigError, TrainConfig
+from ftdist.parallel.base import DistributedStrategy
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks, found by the class names transformers marks as unsplittable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(
+            f"strategy=fsdp: found no decoder blocks in {type(base).__name__} (looked for {sorted(names)}); "
+            "this architecture cannot be sharded per block"
+        )
+    return blocks
+
+
+def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, offload: bool) -> int:
+    """fully_shard every decoder block, then the root; returns the number of FSDP units."""
+    kwargs = {"mp_policy": mp, "reshard_after_forward": reshard}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    # The root keeps its parameters gathered after forward: backward needs them right away.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    return len(blocks) + 1
+
+
+def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Rank 0's buffers (rotary frequencies are not in the state dict) on every rank."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                buf = torch.empty_like(buf, device=device)
+                module.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+            dist.broadcast(buf, src=0)
+
+
+class FSDPStrategy(DistributedStrategy):
+    shards_parameters = True
+    loads_on_rank0_only = True
+
+    def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
+        self.handles_mixed_precision = bf16
+        # bf16 compute, fp32 gradient reduction: summing over ranks in bf16 loses precision.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        deferred = not self._has_quantized(model)  # as load_model decided: see loads_on_rank0_only
+        full = model.state_dict() if self.is_main and deferred else {}
+        self.num_units = apply_fsdp(model, mp, self.cfg.reshard_after_forward, self.cfg.cpu_offload)
+        if deferred:
+            # Rank 0 holds the loaded weights; everyone else's shards are filled from them.
+            set_model_state_dict(
+                model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+            )
+            del full
+            broadcast_buffers(model, self.device)
+        if not self.cfg.cpu_offload:
+            model.to(self.device)
+        optimizer = make_optimizer(model)
+        return model, optimizer, make_scheduler(optimizer)
+
+    @staticmethod
+    def _has_quantized(model: torch.nn.Module) -> bool:
+        # 4-bit bases are loaded (and quantized) on every rank, not broadcast from rank 0.
+        return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+    @contextlib.contextmanager
+    def no_sync(self, model: FSDPModule):
+        # Accumulate unsharded-free: skip the reduce-scatter until the last micro-batch.
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    @property
+    def grad_reduction_factor(self) -> float:
+        return float(self.world_size)  # FSDP averages gradients over ranks
+
+    def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
+        if trainable_only:
+            # Gather only what trains (adapters); each full_tensor() is a collective on every rank.
+            out = {}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    value = p.full_tensor() if hasattr(p, "full_tensor") else p
+                    out[name] = value.detach().cpu()
+            return out if self.is_main else None
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
