@@ -48,7 +48,18 @@ def device_peak_flops(device: torch.device) -> float:
     return measure_cpu_peak_flops()
 
 
-def matmul_params(model: torch.nn.Module) -> int:
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for, whatever its storage: ZeRO-3 partitions keep the full
+    count in ds_numel, and 4-bit weights are packed several to a stored element."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return p.numel()
+
+
+def matmul_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Parameters used in matmuls per token: all but norms and the input embedding lookup.
 
     With tied embeddings the table is also the output projection, so it counts once.
@@ -57,17 +68,19 @@ def matmul_params(model: torch.nn.Module) -> int:
     out = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
     total = 0
     for p in model.parameters():
-        if p.dim() < 2:
+        if (trainable_only and not p.requires_grad) or p.dim() < 2:
             continue
         if p is emb and (out is None or p is not out):
             continue
-        total += p.numel()
+        total += logical_numel(p)
     return total
 
 
 def train_flops_per_token(model: torch.nn.Module) -> float:
-    """6 x N_matmul: forward 2N, backward 4N. The attention-score term is left out here."""
-    return 6.0 * matmul_params(model)
+    """Forward 2N, backward 2N for activation gradients plus 2N for weight gradients of the
+    parameters that train: 6N for full fine-tuning, about 4N under LoRA. The attention-score
+    term is left out."""
+    return 4.0 * matmul_params(model) + 2.0 * matmul_params(model, trainable_only=True)
 
 
 def peak_memory_gb(device: torch.device) -> float:
