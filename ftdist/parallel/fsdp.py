@@ -59,6 +59,8 @@ class FSDPStrategy(DistributedStrategy):
     loads_on_rank0_only = True
 
     def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
+        if self.cfg.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("strategy.cpu_offload=true moves shards from GPU to CPU memory; this run is on CPU already")
         self.handles_mixed_precision = bf16
         # bf16 compute, fp32 gradient reduction: summing over ranks in bf16 loses precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
