@@ -9,6 +9,7 @@ composition, with messages that name the offending key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -368,9 +369,17 @@ def check_known_keys(dcfg: DictConfig, schema: type = FtdistConfig, prefix: str 
             check_known_keys(value, nested, f"{full}.")
 
 
+# What a dry run puts in data.path when it is unset: it reads no data, so a shipped experiment
+# (data.path=???) sizes without one.
+DRY_RUN_NO_DATA = "(unset: dry run reads no data)"
+
+
 def load_config(dcfg: DictConfig) -> FtdistConfig:
     """The typed, checked config of a composed Hydra config: every check, in one place."""
     check_known_keys(dcfg)
+    if dcfg.get("dry_run") and OmegaConf.is_missing(dcfg.data, "path"):
+        dcfg = copy.deepcopy(dcfg)
+        dcfg.data.path = DRY_RUN_NO_DATA
     missing = sorted(OmegaConf.missing_keys(dcfg))
     if missing:
         raise ConfigError(f"required keys not set: {', '.join(missing)} (set them, e.g. {missing[0]}=...)")

@@ -60,6 +60,14 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     from ftdist.trainer import Trainer
 
     cfg = load_config(dcfg)
+    if cfg.dry_run:  # sizing only: no process group, no weights, no data, nothing written
+        from ftdist.dry_run import dry_run
+
+        summary = dry_run(cfg)
+        hydra_dir = Path(HydraConfig.get().runtime.output_dir) if output_dir is None else None
+        if hydra_dir is not None and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()  # the run directory Hydra made before run() was called
+        return None, summary
     strategy = build_strategy(cfg.strategy)
     try:
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,306 @@
+"""`dry_run=true`: size a run before it is launched. Nothing is downloaded, loaded or written.
+
+The model is built from its config on the meta device (shapes and dtypes, no storage) and wrapped
+with the same peft adapters training uses, so the parameter counts are the real module tree's.
+The memory figures are arithmetic on that tree; the report prints the assumptions beside them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ftdist.config import FtdistConfig
+
+GIB = 2**30
+DEFAULT_WORLD_SIZE = 8  # one 8-GPU node: the usual unit of a cluster allocation
+# bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64
+# weights, and an fp32 scale per 256 of those absmaxes.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+ADAM_STATE_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, both fp32
+MASTER_BYTES = 4  # the fp32 master copy a bf16 parameter trains through under mixed precision
+LOSS_BYTES_PER_LOGIT = 8  # the loss upcasts the logits to fp32, and their gradient is fp32 too
+
+
+@dataclass
+class Census:
+    """Parameter counts and storage of a built (meta) model; bytes are full, unsharded."""
+
+    total: int  # base model parameters; a 4-bit weight counts as one parameter
+    trainable: int
+    adapter: int  # parameters peft added
+    stored_bytes: float  # everything, 4-bit weights at NF4_BYTES_PER_PARAM
+    trainable_bytes: float
+    master_params: int  # trainable parameters kept in 16 bits (they need an fp32 master)
+    layer_bytes: float  # the largest decoder layer
+    root_bytes: float  # outside the decoder layers: embeddings, final norm, output head
+    largest_param_bytes: float
+    num_layers: int
+    adapted_in_features: int  # summed input width of the adapted linears of one layer
+    adapted_modules: int  # adapted linears per layer
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def build_meta_model(cfg: FtdistConfig):
+    """(hf config, model with adapters, ids of the weights QLoRA stores in 4 bits, decoder layers,
+    ids of the base model's parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    from ftdist.model.adapters import apply_adapters
+    from ftdist.model.architectures import model_config
+    from ftdist.model.loading import DTYPES
+
+    config = model_config(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
+        )
+    quantized = quantized_weights(model) if cfg.peft.method == "qlora" else set()
+    layers = decoder_layers(model)
+    base_ids = {id(p) for p in model.parameters()}
+    # Adapters on meta too: a 70B's LoRA alone is ~200M parameters.
+    with torch.device("meta"):
+        model = apply_adapters(model, cfg.peft)
+    return config, model, quantized, layers, base_ids
+
+
+def quantized_weights(model: torch.nn.Module) -> set[int]:
+    # transformers' bitsandbytes integration quantizes every nn.Linear but the output head.
+    head = model.get_output_embeddings()
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (FSDP's per-block units): transformers names their class."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:  # no declared block class: the longest ModuleList
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+    return layers
+
+
+def take_census(model, quantized: set[int], layers, base_ids: set[int]) -> Census:
+    def nbytes(p) -> float:
+        return p.numel() * (NF4_BYTES_PER_PARAM if id(p) in quantized else p.element_size())
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    layer_bytes = [sum(nbytes(p) for p in layer.parameters()) for layer in layers]
+    adapted = [m for m in layers[0].modules() if hasattr(m, "lora_A")] if layers else []
+    return Census(
+        total=sum(p.numel() for p in params if id(p) in base_ids),
+        trainable=sum(p.numel() for p in trainable),
+        adapter=sum(p.numel() for p in params if id(p) not in base_ids),
+        stored_bytes=sum(nbytes(p) for p in params),
+        trainable_bytes=sum(nbytes(p) for p in trainable),
+        master_params=sum(p.numel() for p in trainable if p.element_size() == 2),
+        layer_bytes=max(layer_bytes, default=0.0),
+        root_bytes=sum(nbytes(p) for p in params) - sum(layer_bytes),
+        largest_param_bytes=max(nbytes(p) for p in params),
+        num_layers=len(layers),
+        adapted_in_features=sum(m.in_features for m in adapted),
+        adapted_modules=len(adapted),
+    )
+
+
+def resolve_world_size(cfg: FtdistConfig, world_size: int | None) -> tuple[int, str]:
+    if cfg.strategy.name == "single":
+        return 1, "strategy=single runs one process"
+    if world_size:
+        return world_size, "as requested"
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"]), "from WORLD_SIZE"
+    return DEFAULT_WORLD_SIZE, "WORLD_SIZE unset: one node of 8 GPUs assumed; set WORLD_SIZE=N to size for N ranks"
+
+
+def sharding_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
+    """Plan lines, and per state kind: (ranks it is split over, where it lives); plus gathered bytes."""
+    if cfg.strategy.name == "fsdp":
+        return fsdp_plan(cfg, c, world)
+    if cfg.strategy.name == "deepspeed":
+        return deepspeed_plan(cfg, c, world)
+    what = "one process holds" if cfg.strategy.name == "single" else f"DDP over {world} ranks: every rank holds"
+    lines = [f"{what} a full replica: parameters, gradients and optimizer state"]
+    return lines, {"parameters": (1, "gpu"), "gradients": (1, "gpu"), "optimizer": (1, "gpu"), "gathered": 0.0}
+
+
+def fsdp_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
+    s = cfg.strategy
+    where = "cpu" if s.cpu_offload else "gpu"
+    units = f"{c.num_layers + 1} units ({c.num_layers} decoder layers + the root: embeddings, final norm, output head)"
+    lines = [
+        f"FSDP2 over {world} ranks: {units}",
+        f"each rank holds 1/{world} of every unit's parameters, gradients and optimizer state"
+        + (" in CPU memory (cpu_offload)" if s.cpu_offload else ""),
+        "a unit is all-gathered for its forward and backward, "
+        + ("then freed (reshard_after_forward)" if s.reshard_after_forward else "and kept until its backward"),
+    ]
+    # The root runs first and last, so it stays gathered all step, beside the layer in use and
+    # the one prefetched.
+    gathered = c.root_bytes + 2 * c.layer_bytes if s.reshard_after_forward else c.stored_bytes
+    return lines, {"parameters": (world, where), "gradients": (world, where), "optimizer": (world, where),
+                   "gathered": gathered}
+
+
+def deepspeed_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
+    s = cfg.strategy
+    split = {1: "optimizer state", 2: "optimizer state and gradients", 3: "parameters, gradients and optimizer state"}
+    lines = [f"DeepSpeed ZeRO stage {s.zero_stage} over {world} ranks: {split[s.zero_stage]} partitioned"]
+    if s.zero_stage < 3:
+        lines.append("every rank keeps full parameters" + (" and gradients" if s.zero_stage == 1 else ""))
+    if s.offload_optimizer:
+        lines.append("optimizer state, fp32 master weights and gradient partitions offloaded to CPU (ZeRO-Offload)")
+    if s.offload_params:
+        lines.append("parameter partitions offloaded to CPU, fetched when their module runs")
+    gathered = 0.0
+    if s.zero_stage == 3:
+        lines.append("a module's parameters are all-gathered when it runs and released after")
+        # DeepSpeed gathers module by module: the biggest one (the embedding) or a layer, plus a prefetch.
+        gathered = max(c.largest_param_bytes, c.layer_bytes) + c.layer_bytes
+    plan = {
+        "parameters": (world if s.zero_stage == 3 else 1, "cpu" if s.offload_params else "gpu"),
+        "gradients": (world if s.zero_stage >= 2 else 1, "cpu" if s.offload_optimizer else "gpu"),
+        "optimizer": (world, "cpu" if s.offload_optimizer else "gpu"),
+        "gathered": gathered,
+    }
+    return lines, plan
+
+
+def compute_bytes(cfg: FtdistConfig) -> int:
+    # bf16 where the model is bf16 or autocast runs (auto: bf16 on a bf16 GPU, the target here).
+    return 2 if cfg.model.dtype == "bf16" or cfg.train.mixed_precision != "none" else 4
+
+
+def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
+    """Saved activations of one micro-batch: a rough count of the tensors autograd keeps."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    tokens, act = rows * seq, compute_bytes(cfg)
+    # Per token and layer, as counted with saved-tensor hooks on transformers' Llama (sdpa):
+    # 8h + 2kv + 4I (norm inputs and outputs and the projections' 2-D views, q, k, v, attention
+    # output with no T x T matrix, MLP gate, up, activation, product). LoRA keeps its r-wide
+    # hidden and, with dropout, its own dropped copy of each adapted input and a 1-byte mask.
+    per_token = 8 * h + 2 * kv + 4 * inter + c.adapted_modules * cfg.peft.r
+    masks = 0
+    if cfg.peft.dropout > 0:
+        per_token += c.adapted_in_features
+        masks = c.adapted_in_features
+    per_layer = tokens * (per_token * act + masks)
+    if cfg.model.attn_implementation == "eager":
+        per_layer += rows * heads * seq * seq * 2 * act  # scores and probabilities
+    if cfg.model.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
+        saved = layers * tokens * h * act + per_layer
+    else:
+        saved = layers * per_layer
+    return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
+
+
+def memory_estimate(cfg: FtdistConfig, config, c: Census, plan: dict) -> dict[str, float]:
+    optimizer = c.trainable * ADAM_STATE_BYTES + c.master_params * MASTER_BYTES
+    full = {"parameters": c.stored_bytes, "gradients": c.trainable_bytes, "optimizer": optimizer}
+    gpu = {"gathered": plan["gathered"], "activations": activation_bytes(cfg, config, c)}
+    cpu = 0.0
+    for kind, total in full.items():
+        ranks, where = plan[kind]
+        gpu[kind] = total / ranks if where == "gpu" else 0.0
+        cpu += total / ranks if where == "cpu" else 0.0
+    out = {k: gpu[k] / GIB for k in ("parameters", "gradients", "optimizer", "gathered", "activations")}
+    out["total_gpu"] = sum(gpu.values()) / GIB
+    out["cpu"] = cpu / GIB
+    return out
+
+
+def describe_model(cfg: FtdistConfig, config, c: Census) -> list[str]:
+    m, p = cfg.model, cfg.peft
+    name = m.architecture or ("tiny" if m.tiny is not None else m.name_or_path)
+    attn = m.attn_implementation
+    if attn == "auto":
+        attn = "auto (flash_attention_2 where flash-attn and CUDA are present, else sdpa)"
+    shape = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}"
+    share = f"{100 * c.trainable / c.total:.2f}%"
+    lines = [
+        f"model: {name} ({config.model_type}, {shape}), {m.dtype}, attention {attn}",
+        f"parameters: {format_count(c.total)} total, {format_count(c.trainable)} trainable ({share})",
+    ]
+    if p.method != "none":
+        lines.append(f"adapters: {p.method} r={p.r} alpha={p.alpha} on {', '.join(p.target_modules)}: "
+                     f"{format_count(c.adapter)} parameters, base frozen")
+    if p.method == "qlora":
+        lines.append(f"base linear weights in 4-bit NF4: {NF4_BYTES_PER_PARAM:.3f} bytes/param with double-quantized "
+                     "constants; embeddings, norms and output head stay 16-bit")
+    return lines
+
+
+def describe_batch(cfg: FtdistConfig, world: int) -> str:
+    t, d = cfg.train, cfg.data
+    rows = t.micro_batch_size * t.grad_accum_steps * world
+    kind = "packed rows" if d.packing else "rows (at most)"
+    return (f"batch: micro {t.micro_batch_size} x accum {t.grad_accum_steps} x {world} ranks = {rows} {kind} of "
+            f"{d.max_seq_len} tokens = {rows * d.max_seq_len:,} tokens per optimizer step")
+
+
+def describe_memory(cfg: FtdistConfig, mem: dict, c: Census, world: int) -> list[str]:
+    master = " + fp32 master (16-bit trainable weights)" if c.master_params else ""
+    ckpt = "on: layer inputs + one layer recomputed" if cfg.model.gradient_checkpointing else "off: every layer"
+    notes = {
+        "parameters": "4-bit base + 16-bit rest" if cfg.peft.method == "qlora" else "stored dtype",
+        "gradients": "trainable parameters only, in their dtype",
+        "optimizer": f"AdamW: 2 fp32 states{master}",
+        "gathered": "transient: all-gathered unit(s) in use and prefetched",
+        "activations": f"micro {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens, checkpointing {ckpt}, "
+                       "plus logits and fp32 loss",
+    }
+    lines = ["memory per rank (GiB, estimate):"]
+    lines += [f"  {k:<12} {mem[k]:8.1f}   {note}" for k, note in notes.items()]
+    lines.append(f"  {'total GPU':<12} {mem['total_gpu']:8.1f}")
+    if mem["cpu"]:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, DEFAULT_WORLD_SIZE)))
+        lines.append(f"  {'CPU':<12} {mem['cpu']:8.1f}   offloaded state; {mem['cpu'] * per_node:.1f} per node of "
+                     f"{per_node} ranks")
+    return lines
+
+
+def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
+    """Print the report (rank 0 only, if launched under torchrun) and return its numbers."""
+    config, model, quantized, layers, base_ids = build_meta_model(cfg)
+    census = take_census(model, quantized, layers, base_ids)
+    world, world_note = resolve_world_size(cfg, world_size)
+    plan_lines, plan = sharding_plan(cfg, census, world)
+    mem = memory_estimate(cfg, config, census, plan)
+    lines = [f"ftdist dry run: {cfg.experiment_name} (meta device: no weights loaded, nothing launched)"]
+    lines += describe_model(cfg, config, census)
+    lines.append(describe_batch(cfg, world))
+    lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(plan_lines))
+    lines += describe_memory(cfg, mem, census, world)
+    lines.append(
+        f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
+        "train.mixed_precision=none; not counted: CUDA context and kernels (~1 GiB), allocator fragmentation, "
+        "communication buffers"
+    )
+    report = "\n".join(lines)
+    if os.environ.get("RANK", "0") == "0":
+        print(report, flush=True)
+    return {
+        "experiment": cfg.experiment_name,
+        "world_size": world,
+        "strategy": cfg.strategy.name,
+        "total_params": census.total,
+        "trainable_params": census.trainable,
+        "adapter_params": census.adapter,
+        "num_layers": census.num_layers,
+        "fsdp_units": census.num_layers + 1 if cfg.strategy.name == "fsdp" else None,
+        "memory_gib": mem,
+        "report": report,
+    }

@@ -1,0 +1,202 @@
+"""dry_run=true: every shipped experiment sizes on the meta device, and its numbers match
+counts made independently from the published architectures."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ftdist.config import ConfigError, DataConfig, FtdistConfig, ModelConfig, PeftConfig, TrainConfig, load_config
+from ftdist.dry_run import (
+    GIB,
+    NF4_BYTES_PER_PARAM,
+    activation_bytes,
+    decoder_layers,
+    dry_run,
+    format_count,
+    resolve_world_size,
+    take_census,
+)
+from ftdist.model.adapters import apply_adapters
+from ftdist.model.architectures import ARCHITECTURES, model_config
+from ftdist.train import CONF_DIR, register_schemas
+
+register_schemas()
+REPO = Path(CONF_DIR).parent
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+WORLD = 8
+
+
+def compose_dry_run(overrides: list[str]) -> FtdistConfig:
+    # No data.path: a dry run must size a shipped experiment without one.
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose("config", overrides=["output_dir=/tmp/x", "dry_run=true", *overrides])
+    return load_config(dcfg)
+
+
+@functools.cache
+def sized(experiment: str) -> dict:
+    return dry_run(compose_dry_run([f"+experiment={experiment}"]), world_size=WORLD)
+
+
+def linear_shapes(arch: str) -> list[tuple[int, int]]:
+    """(in, out) of the seven linears of one Llama decoder layer, from the published config."""
+    a = ARCHITECTURES[arch]
+    h, inter = a["hidden_size"], a["intermediate_size"]
+    kv = a["num_key_value_heads"] * h // a["num_attention_heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+
+
+def llama_params(arch: str) -> int:
+    a = ARCHITECTURES[arch]
+    layer = sum(i * o for i, o in linear_shapes(arch)) + 2 * a["hidden_size"]  # + two RMSNorms
+    return a["num_hidden_layers"] * layer + 2 * a["vocab_size"] * a["hidden_size"] + a["hidden_size"]
+
+
+def lora_params(arch: str, r: int) -> int:
+    return ARCHITECTURES[arch]["num_hidden_layers"] * sum(r * (i + o) for i, o in linear_shapes(arch))
+
+
+def test_published_parameter_counts():
+    # The model cards' counts: 8,030,261,248 and 70,553,706,496.
+    assert llama_params("llama-3.1-8b") == 8_030_261_248
+    assert llama_params("llama-3.1-70b") == 70_553_706_496
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_sizes_on_meta(experiment):
+    out = sized(experiment)
+    assert out["total_params"] > 0 and 0 < out["trainable_params"] <= out["total_params"]
+    assert format_count(out["total_params"]) in out["report"]
+    mem = out["memory_gib"]
+    parts = ("parameters", "gradients", "optimizer", "gathered", "activations")
+    assert mem["total_gpu"] == pytest.approx(sum(mem[k] for k in parts))
+    assert mem["activations"] > 0
+
+
+def test_llama70b_qlora_counts_and_plan():
+    out = sized("llama70b_qlora")
+    assert out["total_params"] == pytest.approx(70.55e9, rel=0.005)
+    assert out["total_params"] == llama_params("llama-3.1-70b")
+    assert out["trainable_params"] == out["adapter_params"] == lora_params("llama-3.1-70b", r=16)
+    assert "70.6B" in out["report"] and "207.1M" in out["report"]
+    assert out["fsdp_units"] == 81 and out["world_size"] == WORLD
+    # 4-bit decoder linears, bf16 embeddings/norms/head, fp32 adapters, all sharded over WORLD ranks.
+    a = ARCHITECTURES["llama-3.1-70b"]
+    linear = a["num_hidden_layers"] * sum(i * o for i, o in linear_shapes("llama-3.1-70b"))
+    stored = linear * NF4_BYTES_PER_PARAM + (out["total_params"] - linear) * 2 + out["adapter_params"] * 4
+    assert out["memory_gib"]["parameters"] == pytest.approx(stored / WORLD / GIB)
+    assert out["memory_gib"]["optimizer"] == pytest.approx(out["trainable_params"] * 8 / WORLD / GIB)
+
+
+def test_llama8b_full_zero3_counts_and_memory():
+    out = sized("llama8b_full_zero3")
+    n = out["total_params"]
+    assert n == pytest.approx(8.03e9, rel=0.005) and out["trainable_params"] == n
+    assert "8.0B" in out["report"] and "ZeRO stage 3" in out["report"]
+    # bf16 parameters and gradients, fp32 Adam states and master weights, each 1/WORLD per rank.
+    mem = out["memory_gib"]
+    assert mem["parameters"] == pytest.approx(n * 2 / WORLD / GIB)
+    assert mem["gradients"] == pytest.approx(n * 2 / WORLD / GIB)
+    assert mem["optimizer"] == pytest.approx(n * 12 / WORLD / GIB)
+
+
+def test_lora_trainable_count_is_r_times_in_plus_out():
+    out = sized("llama8b_lora_fsdp")
+    assert out["trainable_params"] == lora_params("llama-3.1-8b", r=16) == 41_943_040
+    assert out["fsdp_units"] == 33
+
+
+def test_dora_adds_one_magnitude_per_output():
+    cfg = compose_dry_run(["+experiment=llama8b_lora_fsdp", "peft=dora"])
+    out = dry_run(cfg, world_size=WORLD)
+    magnitudes = ARCHITECTURES["llama-3.1-8b"]["num_hidden_layers"] * sum(o for _, o in linear_shapes("llama-3.1-8b"))
+    assert out["trainable_params"] == lora_params("llama-3.1-8b", r=16) + magnitudes
+
+
+def saved_activation_bytes(config, peft: PeftConfig, rows: int, seq: int) -> tuple[float, float]:
+    """(bytes autograd saves in one fp32 forward, dry_run's estimate), counted by saved-tensor hooks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    layers, base_ids = decoder_layers(model), {id(p) for p in model.parameters()}
+    model = apply_adapters(model, peft)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:  # weights are not activations
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    cfg = FtdistConfig(
+        model=ModelConfig(name_or_path="x", dtype="fp32"), data=DataConfig(path="x", max_seq_len=seq),
+        train=TrainConfig(micro_batch_size=rows, mixed_precision="none"), peft=peft,
+    )
+    return sum(saved.values()), activation_bytes(cfg, config, take_census(model, set(), layers, base_ids))
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_activation_estimate_per_layer_matches_saved_tensors(method):
+    from transformers import LlamaConfig
+
+    peft = PeftConfig(method=method, r=8)
+    per_layer = []
+    for layers in (1, 2):
+        config = LlamaConfig(vocab_size=500, hidden_size=128, intermediate_size=384, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        per_layer.append(saved_activation_bytes(config, peft, rows=2, seq=64))
+    measured = per_layer[1][0] - per_layer[0][0]
+    estimated = per_layer[1][1] - per_layer[0][1]
+    assert estimated == pytest.approx(measured, rel=0.02)
+
+
+def test_world_size_from_argument_env_or_default(monkeypatch):
+    cfg = compose_dry_run(["+experiment=llama8b_lora_fsdp"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_world_size(cfg, None)[0] == 8
+    assert resolve_world_size(cfg, 4)[0] == 4
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    assert resolve_world_size(cfg, None)[0] == 32
+    single = compose_dry_run(["+experiment=tiny_cpu"])
+    assert resolve_world_size(single, None)[0] == 1
+
+
+def test_unknown_architecture_names_key_and_known_ones():
+    cfg = compose_dry_run(["+experiment=llama8b_lora_fsdp", "model.architecture=llama-9b"])
+    with pytest.raises(ConfigError, match="model.architecture='llama-9b'.*llama-3.1-70b, llama-3.1-8b"):
+        dry_run(cfg)
+
+
+def test_hub_name_without_architecture_is_a_clear_error():
+    with pytest.raises(ConfigError, match="model.name_or_path='nobody/no-such-model'.*model.architecture"):
+        model_config(ModelConfig(name_or_path="nobody/no-such-model"))
+
+
+def test_local_directory_config(tiny_model_dir):
+    config = model_config(ModelConfig(name_or_path=tiny_model_dir))
+    assert config.hidden_size == 128 and config.num_hidden_layers == 4
+
+
+def test_cli_dry_run_prints_report_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "FTDIST_CACHE": os.environ.get("FTDIST_CACHE", str(tmp_path / "cache"))}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftdist.train", "+experiment=llama70b_qlora", "dry_run=true", f"output_dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "70.6B" in proc.stdout and "81 units" in proc.stdout and "memory per rank" in proc.stdout
+    assert not run_dir.exists()  # Hydra's run directory is removed: a dry run leaves nothing behind
