@@ -48,6 +48,11 @@ def device_peak_flops(device: torch.device) -> float:
     return measure_cpu_peak_flops()
 
 
+def logical_ndim(p: torch.Tensor) -> int:
+    """Dimensions of the weight a parameter stands for (ZeRO-3 partitions are flat, shape (0,))."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def logical_numel(p: torch.Tensor) -> int:
     """Elements a parameter stands for, whatever its storage: ZeRO-3 partitions keep the full
     count in ds_numel, and 4-bit weights are packed several to a stored element."""
@@ -68,7 +73,7 @@ def matmul_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     out = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
     total = 0
     for p in model.parameters():
-        if (trainable_only and not p.requires_grad) or p.dim() < 2:
+        if (trainable_only and not p.requires_grad) or logical_ndim(p) < 2:
             continue
         if p is emb and (out is None or p is not out):
             continue

@@ -57,7 +57,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     from ftdist.data.prepare import prepare_data
     from ftdist.model.loading import load_model, load_tokenizer
     from ftdist.parallel import build_strategy
-    from ftdist.trainer import Trainer
+    from ftdist.trainer import Trainer, use_bf16
 
     cfg = load_config(dcfg)
     if cfg.dry_run:  # sizing only: no process group, no weights, no data, nothing written
@@ -86,7 +86,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
             (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         log.info("data: %s", json.dumps(report.to_dict()))
 
-        with strategy.loading_context():
+        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
             loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
         summary = trainer.fit()

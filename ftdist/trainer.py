@@ -22,7 +22,7 @@ from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
-from ftdist.metrics import device_peak_flops, peak_memory_gb, train_flops_per_token
+from ftdist.metrics import device_peak_flops, logical_ndim, peak_memory_gb, train_flops_per_token
 from ftdist.model.attention import model_inputs
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, cfg: FtdistConfig) -> torch.optim.Op
     for p in model.parameters():
         if p.requires_grad:
             # Norm gains and biases are not weight-decayed (standard for transformers).
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if logical_ndim(p) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 

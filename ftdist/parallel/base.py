@@ -85,8 +85,9 @@ class Strategy:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def loading_context(self):
-        """Active while the model is loaded (DeepSpeed ZeRO-3: zero.Init partitions as it loads)."""
+    def loading_context(self, bf16: bool = False):
+        """Active while the model is loaded (DeepSpeed ZeRO-3: zero.Init partitions as it loads,
+        in bf16 where the run computes in bf16)."""
         return contextlib.nullcontext()
 
     def prepare(self, model: torch.nn.Module, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):

@@ -1,0 +1,229 @@
+"""DeepSpeed ZeRO stages 1-3, optionally offloaded to CPU, behind the Strategy interface.
+
+DeepSpeed's JSON config is generated from this run's config (`deepspeed_config`), so batch
+geometry, clipping and precision have one source. The trainer keeps its own loss
+normalisation: each micro-batch loss is already divided by the global label-token count, so
+DeepSpeed must not divide by gradient_accumulation_steps again (`scale_wrt_gas=False`).
+
+Accumulation boundaries come from the trainer's contract, not DeepSpeed's micro-step counter:
+every micro-batch but the last runs inside `no_sync`, which marks it as not a boundary. The
+boundary `engine.step()` (reduction where pending, clipping, optimizer, schedule) runs in
+`optimizer_step`, once per global step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+
+from ftdist.config import ConfigError, StrategyConfig, TrainConfig
+from ftdist.parallel.base import DistributedStrategy
+
+log = logging.getLogger("ftdist")
+
+QUIET_STEPS = 2**31 - 1  # steps_per_print: DeepSpeed's own progress lines never print
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as e:
+        raise ConfigError(f"strategy=zero* needs DeepSpeed: pip install 'ftdist[deepspeed]' ({e})") from e
+    if get_accelerator().device_name() == "cpu":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (over a minute on 2 cores)
+        # that only its inference all-reduce uses; training collectives go through gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def zero_section(cfg: StrategyConfig) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero["contiguous_gradients"] = True
+    if cfg.zero_stage == 3:
+        # Saving gathers the partitioned weights layer by layer onto rank 0 (never a whole
+        # model on one device); overlap_comm prefetches the next layer during compute.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["overlap_comm"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def deepspeed_config(strategy: StrategyConfig, train: TrainConfig, world_size: int, bf16: bool) -> dict:
+    """DeepSpeed's config dict for this run (a pure function of the run's config)."""
+    micro, accum = train.micro_batch_size, train.grad_accum_steps
+    config: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(train.max_grad_norm) if train.max_grad_norm is not None else 0.0,
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero_section(strategy),
+        "steps_per_print": QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # Sum gradients over ranks in fp32: a bf16 sum over many ranks loses precision.
+        config["communication_data_type"] = "fp32"
+    if strategy.optimizer == "torch":
+        # The trainer's torch.optim.AdamW: ZeRO partitions its state; no DeepSpeed op is built,
+        # even where the optimizer state is offloaded to CPU.
+        config["zero_allow_untested_optimizer"] = True
+        config["zero_force_ds_cpu_optimizer"] = False
+    else:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [train.adam_beta1, train.adam_beta2],
+                "eps": train.adam_eps,
+                "weight_decay": train.weight_decay,
+            },
+        }
+    return config
+
+
+def is_zero_init_model(model: torch.nn.Module) -> bool:
+    """True where zero.Init partitioned the parameters as they loaded (ZeRO-3)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+class DeepSpeedStrategy(DistributedStrategy):
+    def __init__(self, cfg: StrategyConfig):
+        self.deepspeed = _import_deepspeed()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat per rank
+        super().__init__(cfg)
+        # DeepSpeed reads LOCAL_RANK itself; a plain `python -m` run (one process) has none.
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+        # DeepSpeed's communication layer wraps the process group made above.
+        self.deepspeed.init_distributed(dist_backend=self.backend, dist_init_required=False)
+        self.shards_parameters = cfg.zero_stage == 3
+        self.handles_mixed_precision = False
+        self._accumulating = False
+        self._hf_ds_config = None  # transformers holds only a weakref: it must live here
+        self._save_fp32_master = False
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def loading_context(self, bf16: bool = False):
+        """ZeRO-3: from_pretrained loads under deepspeed.zero.Init, so each rank materializes
+        only its partition. zero.Init fixes the parameter dtype now: bf16 partitions where this
+        run computes in bf16 (pass it), else fp32 (then bf16 runs under the trainer's autocast)."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        try:
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig
+        except ImportError as e:
+            raise ConfigError(f"strategy=zero3 needs transformers' DeepSpeed integration (and accelerate): {e}") from e
+        # Batch sizes do not matter to zero.Init; the defaults satisfy DeepSpeed's config check.
+        config = deepspeed_config(self.cfg, TrainConfig(), self.world_size, bf16)
+        self._hf_ds_config = HfDeepSpeedConfig(config)
+        return contextlib.nullcontext()
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _engine_bf16(self, model: torch.nn.Module, bf16: bool) -> bool:
+        """Whether DeepSpeed itself runs bf16. Under ZeRO-3 zero.Init fixed the partitions'
+        dtype at load (whatever from_pretrained was asked for)."""
+        if not is_zero_init_model(model):
+            return bf16  # DeepSpeed casts the model and keeps fp32 master weights
+        partitions_bf16 = next(model.parameters()).dtype == torch.bfloat16
+        if partitions_bf16 and not bf16:
+            raise ConfigError("ZeRO-3 loaded bf16 partitions but train.mixed_precision resolves to fp32 compute")
+        if bf16 and not partitions_bf16:
+            log.warning("ZeRO-3 partitioned the model in fp32 at load: bf16 compute runs under autocast")
+        return bf16 and partitions_bf16
+
+    def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
+        engine_bf16 = self._engine_bf16(model, bf16)
+        loaded_dtype = next(model.parameters()).dtype
+        config = deepspeed_config(self.cfg, train, self.world_size, engine_bf16)
+        if self.is_main:
+            log.info("deepspeed config: %s", json.dumps(config, sort_keys=True))
+        if self.cfg.optimizer == "torch":
+            extra = {"optimizer": make_optimizer(model)}
+        else:
+            # DeepSpeed builds its Adam from the config, over the trainer's parameter groups
+            # (which parameters are weight-decayed is the trainer's rule).
+            groups = make_optimizer(model).param_groups
+            extra = {"model_parameters": [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]}
+        # A callable schedule is built over DeepSpeed's basic optimizer and stepped by DeepSpeed
+        # at each boundary that updated the weights: once per global step.
+        engine, optimizer, _, scheduler = self.deepspeed.initialize(
+            model=model, config=config, lr_scheduler=make_scheduler, **extra
+        )
+        self.handles_mixed_precision = engine_bf16
+        # Stages 1/2 cast an fp32 model to bf16 for compute; the fp32 master weights are the
+        # trained model (ZeRO-3 saves in the dtype zero.Init partitioned it in).
+        self._save_fp32_master = engine_bf16 and self.cfg.zero_stage < 3 and loaded_dtype == torch.float32
+        return engine, optimizer, scheduler
+
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        # Not engine.no_sync (ZeRO 2/3 forbid it): only marks these micro-batches as not a
+        # boundary, so DeepSpeed accumulates (and, in stages 2/3, reduces as it goes).
+        self._accumulating = True
+        model.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self._accumulating = False
+            model.set_gradient_accumulation_boundary(True)
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        model.backward(loss, scale_wrt_gas=False)  # the trainer normalised the loss already
+        if self._accumulating:
+            model.step()  # DeepSpeed's micro-step bookkeeping; no update off a boundary
+
+    def optimizer_step(self, model, optimizer, scheduler, max_norm: float | None) -> float:
+        # Clipping to max_norm is in the config (gradient_clipping); this step applies it.
+        model.step()
+        norm = model.get_global_grad_norm()  # before clipping, over all ranks' partitions
+        if norm is None:
+            raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false?)")
+        return float(norm)
+
+    @property
+    def grad_reduction_factor(self) -> float:
+        return float(self.world_size)  # DeepSpeed averages gradients over data-parallel ranks
+
+    # --- evaluation and saving ----------------------------------------------------------------
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.module if isinstance(model, self.deepspeed.DeepSpeedEngine) else model
+
+    def full_state_dict(self, model, trainable_only: bool = False) -> dict | None:
+        module = self.unwrap(model)
+        if self.cfg.zero_stage == 3:
+            # Gathers one module's partitions at a time onto rank 0, moving each to CPU.
+            state = model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+        elif self._save_fp32_master:
+            state = self._fp32_master_state_dict(module)
+        else:
+            state = module.state_dict() if self.is_main else None  # full weights on every rank
+        if state is None:
+            return None
+        if trainable_only:
+            names = {n for n, p in module.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    def _fp32_master_state_dict(self, module: torch.nn.Module) -> dict | None:
+        """module.state_dict() with each trained parameter replaced by its fp32 master copy
+        (assembled from the optimizer's partitions: a collective on every rank)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = {p.data_ptr(): safe_get_full_fp32_param(p) for p in module.parameters() if p.requires_grad}
+        if not self.is_main:
+            return None
+        # Keyed by storage, so tied parameters (embedding and head) stay one tensor.
+        return {k: master.get(v.data_ptr(), v) for k, v in module.state_dict().items()}
