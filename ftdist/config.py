@@ -237,7 +237,7 @@ def validate(cfg: FtdistConfig) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
     for key in POSITIVE:
         value = _get(cfg, key)
         if value is None or value <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ REPO = Path(CONF_DIR).parent
 # What a group option needs before it validates (files that leave a required key open).
 REQUIRED = {"data": ["data.path=x.jsonl"], "model/hf": ["model.name_or_path=some/model"]}
 # Experiments that leave data.path for the user (every shipped one but the embedded demo).
-REQUIRED.update({f"experiment/{name}": REQUIRED["data"] for name in (
-    "llama70b_qlora", "llama8b_full_zero3", "llama70b_full_zero3", "llama8b_lora_fsdp")})
+REQUIRED.update(
+    {
+        f"experiment/{f.stem}": REQUIRED["data"]
+        for f in (Path(CONF_DIR) / "experiment").glob("*.yaml")
+        if "  path:" not in f.read_text()
+    }
+)
 
 
 def compose_config(overrides: list[str]) -> FtdistConfig:
@@ -93,6 +99,33 @@ def test_wrong_type_is_rejected_at_compose():
 def test_cross_field_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config(["+experiment=tiny_cpu", override])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["strategy=zero3", "peft=qlora"], "cannot partition bitsandbytes 4-bit weights; use strategy=fsdp"),
+        (["strategy=zero2", "peft=qlora"], "use strategy=fsdp"),
+        (["strategy=fsdp", "strategy.offload_params=true"], "needs DeepSpeed ZeRO stage 3"),
+        (["strategy=zero2", "strategy.offload_params=true"], "needs DeepSpeed ZeRO stage 3"),
+        (["strategy=zero3", "strategy.cpu_offload=true"], "is an FSDP option"),
+        (["strategy=fsdp", "strategy.offload_optimizer=true"], "is a DeepSpeed option"),
+        (["strategy=zero3", "strategy.zero_stage=4"], "strategy.zero_stage"),
+        (["peft=lora", "peft.target_modules=[]"], "peft.target_modules is empty"),
+        (["peft=lora", "peft.dropout=1.0"], "peft.dropout"),
+        (["peft=adapter"], "peft"),
+    ],
+)
+def test_impossible_strategy_and_peft_combinations_fail_at_compose(overrides, message):
+    with pytest.raises((ConfigError, ConfigCompositionException), match=re.escape(message)):
+        compose_config(["+experiment=tiny_cpu", *overrides])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("peft", ["none", "lora", "dora"])
+def test_workable_combinations_compose(strategy, peft):
+    cfg = compose_config(["+experiment=tiny_cpu", f"strategy={strategy}", f"peft={peft}"])
+    assert cfg.peft.method == peft
 
 
 def test_missing_required_key_is_named():
