@@ -138,6 +138,15 @@ class TrainConfig:
     eval_batch_size: int = 8
     save_final: bool = True
     progress_bar: bool = True
+    # A NaN/Inf loss or gradient norm on any rank: raise (stop the run) | skip (leave the
+    # parameters unchanged, count the step in metrics as skipped_steps).
+    on_nonfinite: str = "raise"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None  # null: no periodic checkpoints (preemption still saves one)
+    keep: int = 2  # newest complete checkpoints kept; older ones are deleted by rank 0
 
 
 @dataclass
@@ -163,6 +172,10 @@ class FtdistConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # auto: continue from the newest complete checkpoint in output_dir/checkpoints (a fresh
+    # start if there is none) | none: always start fresh | PATH: that checkpoint directory.
+    resume: str = "auto"
     seed: int = 0
     output_dir: str = MISSING
     experiment_name: str = "default"
@@ -204,6 +217,7 @@ CHOICES = {
     "peft.quant_storage": ("auto", "bf16", "fp32", "uint8"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "none"),
+    "train.on_nonfinite": ("raise", "skip"),
     "tracking.backend": ("none",),
 }
 
@@ -219,6 +233,7 @@ POSITIVE = (
     "eval.batch_size",
     "strategy.timeout_s",
     "peft.r",
+    "checkpoint.keep",
 )
 
 
@@ -255,6 +270,8 @@ def validate(cfg: FtdistConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm must be > 0 or null (got {t.max_grad_norm})")
+    if cfg.checkpoint.every_steps is not None and cfg.checkpoint.every_steps <= 0:
+        raise ConfigError(f"checkpoint.every_steps must be > 0 or null (got {cfg.checkpoint.every_steps})")
     if t.eval_every_steps is not None and t.eval_every_steps <= 0:
         raise ConfigError(f"train.eval_every_steps must be > 0 or null (got {t.eval_every_steps})")
     d = cfg.data

@@ -21,7 +21,19 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
-        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 (open for the run)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines past `step`: a resumed run rewrites the steps its predecessor logged after
+        the checkpoint, so each step appears once."""
+        if not self.enabled:
+            return
+        self._file.close()
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")  # noqa: SIM115
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ftdist.config import ConfigError, check_override_keys, load_config, register_schemas
+from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Preempted
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_BAD_INPUT = 2
@@ -54,6 +55,7 @@ def agree_run_dir(strategy, proposed: str) -> Path:
 
 def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
+    from ftdist.checkpoint import resolve_resume
     from ftdist.data.prepare import prepare_data
     from ftdist.model.loading import load_model, load_tokenizer
     from ftdist.parallel import build_strategy
@@ -79,6 +81,10 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
             run_dir, cfg.strategy.name, strategy.world_size, strategy.device, strategy.backend,
         )
         seed_everything(cfg.seed)
+        # Rank 0 decides, so all ranks resume from the same checkpoint even as new ones appear.
+        resume_from = strategy.broadcast_object(resolve_resume(cfg.resume, run_dir) if strategy.is_main else None)
+        if strategy.is_main and resume_from is not None:
+            log.info("resuming from %s", resume_from)
 
         tokenizer = load_tokenizer(cfg.model)
         train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
@@ -89,7 +95,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
             loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
-        summary = trainer.fit()
+        summary = trainer.fit(resume_from)
         if cfg.train.save_final:
             summary["final_dir"] = str(trainer.save_final())
         if strategy.is_main:
@@ -116,6 +122,12 @@ def main(dcfg: DictConfig) -> None:
 
     try:
         run(dcfg)
+    except Preempted as e:
+        print(f"ftdist: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except NonFiniteError as e:
+        print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)

@@ -10,14 +10,18 @@ accumulation splits and world sizes all give the same gradient.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 
-from ftdist.config import FtdistConfig
+from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint
+from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
@@ -26,6 +30,7 @@ from ftdist.metrics import device_peak_flops, logical_ndim, peak_memory_gb, trai
 from ftdist.model.attention import model_inputs
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
+from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
 from ftdist.tracking import MetricsWriter
 
 log = logging.getLogger("ftdist")
@@ -114,6 +119,8 @@ class Trainer:
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main)
         self.step = 0
         self.total_tokens = 0
+        self.skipped_steps = 0
+        self.preemption = PreemptionFlag()
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
 
@@ -156,6 +163,8 @@ class Trainer:
             # Gradients are reduced across ranks once, on the last micro-batch.
             with contextlib.nullcontext() if last else strategy.no_sync(self.model):
                 micro_loss = sft_loss_sum(self.logits(self.model, batch), batch.labels)
+                if injected_fault(self.step + 1, strategy.rank) == "nan":
+                    micro_loss = micro_loss * float("nan")
                 strategy.backward(self.model, micro_loss * (strategy.grad_reduction_factor / denominator))
             loss_sum += micro_loss.item()
         (global_loss_sum,) = strategy.all_reduce_sum([loss_sum])
@@ -174,10 +183,24 @@ class Trainer:
         return [self.collate_items(self.train_examples, [self.train_items[j] for j in idx]) for idx in micro]
 
     def optimizer_step(self) -> tuple[float, float]:
-        """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used)."""
+        """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used).
+
+        Strategies leave the parameters unchanged when the norm is not finite."""
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
         return grad_norm, lr
+
+    def check_finite(self, loss: float, grad_norm: float) -> None:
+        """Loss and norm are global (all-reduced), so every rank takes the same decision."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        if self.cfg.train.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"step {self.step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                "resume from the last checkpoint, or set train.on_nonfinite=skip"
+            )
+        self.skipped_steps += 1
+        log.warning("step %d: non-finite loss %s / grad norm %s: step skipped, parameters unchanged", self.step, loss, grad_norm)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -186,6 +209,7 @@ class Trainer:
         label_tokens, tokens = totals["label_tokens"], totals["tokens"]
         grad_norm, lr = self.optimizer_step()
         self.step += 1
+        self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)
         dt = time.perf_counter() - t0
         achieved = self.flops_per_token * tokens / dt / self.strategy.world_size
@@ -203,6 +227,7 @@ class Trainer:
             "mfu": achieved / self.peak_flops,
             "peak_mem_gb": peak_memory_gb(self.device),
             "epoch": self.sampler.epoch_at(self.step),
+            "skipped_steps": self.skipped_steps,
         }
 
     # --- evaluation -------------------------------------------------------------------------
@@ -244,16 +269,34 @@ class Trainer:
 
     # --- the whole run ----------------------------------------------------------------------
 
-    def fit(self) -> dict:
+    def fit(self, resume_from: Path | None = None) -> dict:
+        """Train to total_steps (from a checkpoint where given); raises Preempted after saving
+        a checkpoint when a preemption signal reached any rank."""
         cfg = self.cfg
         has_val = len(self.val_examples) > 0
+        if resume_from is not None:
+            load_checkpoint(self, resume_from)
+            if self.strategy.is_main:
+                (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            self.metrics.truncate_after(self.step)  # lines the interrupted run wrote past the checkpoint
         log.info(
             "training %d steps: global batch %d = %d ranks x %d accum x %d micro; %d train / %d val examples",
             self.total_steps, self.global_batch_size, self.strategy.world_size, cfg.train.grad_accum_steps,
             cfg.train.micro_batch_size, len(self.train_examples), len(self.val_examples),
         )
-        if has_val and cfg.train.eval_at_start:
+        if has_val and cfg.train.eval_at_start and self.step == 0:
             self._log_eval(self.evaluate(with_generation=True))
+        self.preemption.install()
+        try:
+            self._train_loop(has_val)
+        finally:
+            self.preemption.restore()
+        if has_val:
+            self._log_eval(self.evaluate(with_generation=True))
+        return self.summary()
+
+    def _train_loop(self, has_val: bool) -> None:
+        cfg = self.cfg
         start = time.perf_counter()
         bar = self._progress_bar()
         while self.step < self.total_steps:
@@ -268,11 +311,65 @@ class Trainer:
             every = cfg.train.eval_every_steps
             if has_val and every and self.step % every == 0 and self.step < self.total_steps:
                 self._log_eval(self.evaluate(with_generation=False))
+            self._after_step()
         if bar is not None:
             bar.close()
-        if has_val:
-            self._log_eval(self.evaluate(with_generation=True))
-        return self.summary()
+
+    def _after_step(self) -> None:
+        """Periodic checkpoint, injected faults, and the per-step preemption vote."""
+        fault = injected_fault(self.step, self.strategy.rank)
+        if fault == "crash":
+            log.error("injected crash at step %d", self.step)
+            os._exit(1)
+        if fault == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        every = self.cfg.checkpoint.every_steps
+        saved = False
+        if every and self.step % every == 0:
+            save_checkpoint(self)
+            saved = True
+        # Only the signalled ranks know: every rank stops at this step if any rank was told.
+        (stop,) = self.strategy.all_reduce_max([float(self.preemption.requested)])
+        if stop:
+            path = save_checkpoint(self) if not saved else checkpoint_dir(self.run_dir, self.step)
+            if self.strategy.is_main:
+                # torchrun reports any worker exit as its own failure (exit 1); this marker is
+                # how a wrapper (the Slurm layer) tells a preemption from a crash.
+                (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+            raise Preempted(f"preempted at step {self.step}; resume with resume=auto")
+
+    # --- checkpoint state -------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "step": self.step,
+            "total_tokens": self.total_tokens,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.strategy.world_size,
+            "strategy": self.cfg.strategy.name,
+            "zero_stage": self.cfg.strategy.zero_stage,
+            "global_batch_size": self.global_batch_size,
+            "num_train_items": len(self.train_items),
+            "seed": self.cfg.seed,
+        }
+
+    def check_resumable(self, state: dict, path: Path) -> None:
+        """The data order is a function of (seed, global batch, items): all must match."""
+        now = {"seed": self.cfg.seed, "global_batch_size": self.global_batch_size, "num_train_items": len(self.train_items)}
+        for key, value in now.items():
+            if state[key] != value:
+                raise ConfigError(
+                    f"resume: {path} was saved with {key}={state[key]}, this run has {value}; "
+                    "the remaining batches would differ (keep seed, batch sizes x ranks and data, or resume=none)"
+                )
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.total_tokens = state["total_tokens"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def _progress_bar(self):
         if not (self.strategy.is_main and self.cfg.train.progress_bar):

@@ -109,10 +109,37 @@ class Strategy:
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
-        optimizer.step()
+        if torch.isfinite(norm):  # a NaN/Inf step leaves the parameters as they were
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def save_checkpoint(self, model, optimizer, path) -> None:
+        """Model and optimizer state under `path`; every rank calls it and writes its part.
+
+        torch.distributed.checkpoint stores tensors by fully qualified name with their sharding,
+        so a checkpoint loads into any world size and into single, DDP or FSDP alike. A frozen
+        base (PEFT) is not saved: it is reloaded from its source, so only what trains is.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+    def load_checkpoint(self, model, optimizer, path, trainer_state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+        )
 
     def full_state_dict(self, model: torch.nn.Module, trainable_only: bool = False) -> dict | None:
         """The unsharded state dict on CPU on rank 0 (None elsewhere); every rank must call it.

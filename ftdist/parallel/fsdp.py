@@ -44,6 +44,27 @@ def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, 
     return len(blocks) + 1
 
 
+def tied_parameters(model: torch.nn.Module) -> list[list[str]]:
+    """Names that share one parameter (tied embeddings), each group listed together."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(model: torch.nn.Module, groups: list[list[str]]) -> None:
+    """Point every alias back at its group's first parameter.
+
+    Loading a state dict with assign=True (how meta ranks receive rank 0's weights) gives each
+    name its own tensor, silently untying them: the copy FSDP does not manage then trains apart.
+    """
+    for first, *aliases in groups:
+        shared = model.get_parameter(first)
+        for alias in aliases:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
 def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
     """Rank 0's buffers (rotary frequencies are not in the state dict) on every rank."""
     for module in model.modules():
@@ -66,6 +87,7 @@ class FSDPStrategy(DistributedStrategy):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         deferred = not self._has_quantized(model)  # as load_model decided: see loads_on_rank0_only
         full = model.state_dict() if self.is_main and deferred else {}
+        ties = tied_parameters(model)
         self.num_units = apply_fsdp(model, mp, self.cfg.reshard_after_forward, self.cfg.cpu_offload)
         if deferred:
             # Rank 0 holds the loaded weights; everyone else's shards are filled from them.
@@ -73,6 +95,7 @@ class FSDPStrategy(DistributedStrategy):
                 model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
             )
             del full
+            retie(model, ties)
             broadcast_buffers(model, self.device)
         if not self.cfg.cpu_offload:
             model.to(self.device)
