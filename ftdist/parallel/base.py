@@ -130,13 +130,20 @@ class Strategy:
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
     def load_checkpoint(self, model, optimizer, path, trainer_state: dict) -> None:
+        if trainer_state.get("strategy") == "deepspeed":
+            raise ConfigError(
+                f"resume: {path} was saved by DeepSpeed (strategy=zero*); resume it with the same strategy and "
+                "world size, or export it with `python -m ftdist.export` and start a new run from the export"
+            )
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        options = StateDictOptions(ignore_frozen_params=True)
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
         state = {"model": model_state, "optimizer": optim_state}
+        # DCP fills exactly the keys asked for (it raises on any missing from the checkpoint);
+        # strict=False then only tolerates the frozen base, which was never saved.
         dcp.load(state, checkpoint_id=str(path))
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
         )

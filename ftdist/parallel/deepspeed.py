@@ -9,6 +9,10 @@ Accumulation boundaries come from the trainer's contract, not DeepSpeed's micro-
 every micro-batch but the last runs inside `no_sync`, which marks it as not a boundary. The
 boundary `engine.step()` (reduction where pending, clipping, optimizer, schedule) runs in
 `optimizer_step`, once per global step.
+
+Checkpoints are DeepSpeed's own (`engine.save_checkpoint`): each rank writes its optimizer
+partition, in the layout DeepSpeed's tools (zero_to_fp32.py, ds_to_universal) read. They
+resume only into the same data-parallel world size and ZeRO stage (`check_same_layout`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -26,6 +31,8 @@ from ftdist.parallel.base import DistributedStrategy
 log = logging.getLogger("ftdist")
 
 QUIET_STEPS = 2**31 - 1  # steps_per_print: DeepSpeed's own progress lines never print
+# Each ftdist checkpoint directory holds one DeepSpeed checkpoint, always under this tag.
+CHECKPOINT_TAG = "deepspeed"
 
 
 def _import_deepspeed():
@@ -90,6 +97,37 @@ def deepspeed_config(strategy: StrategyConfig, train: TrainConfig, world_size: i
             },
         }
     return config
+
+
+def check_same_layout(saved: dict, world_size: int, zero_stage: int, path) -> None:
+    """A DeepSpeed checkpoint holds one optimizer partition per rank, cut for its ZeRO stage:
+    DeepSpeed cannot re-cut it for another world size or stage (that takes a conversion to a
+    universal checkpoint), so refuse up front with what to do instead."""
+    if saved.get("strategy") != "deepspeed":
+        raise ConfigError(
+            f"resume: {path} was saved by strategy {saved.get('strategy')!r}, not DeepSpeed; resume it with "
+            "that strategy, or export it with `python -m ftdist.export` and start a new run from the export"
+        )
+    if saved["world_size"] != world_size or saved["zero_stage"] != zero_stage:
+        raise ConfigError(
+            f"resume: {path} was saved by DeepSpeed ZeRO-{saved['zero_stage']} on world size {saved['world_size']}, "
+            f"this run is ZeRO-{zero_stage} on world size {world_size}; DeepSpeed's optimizer partitions do not "
+            f"reshard: resume with {saved['world_size']} ranks and strategy.zero_stage={saved['zero_stage']}, or "
+            "export the checkpoint with `python -m ftdist.export` and start a new run from the export"
+        )
+
+
+def load_trained_module_state(src: dict, dst: torch.nn.Module) -> None:
+    """Load a module state saved without its frozen parameters (PEFT: the base is reloaded from
+    its source), strictly otherwise: any other missing or unexpected key is an error."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = set(result.missing_keys) - frozen
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"DeepSpeed checkpoint does not match the model: missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
 
 
 def is_zero_init_model(model: torch.nn.Module) -> bool:
@@ -195,6 +233,30 @@ class DeepSpeedStrategy(DistributedStrategy):
     @property
     def grad_reduction_factor(self) -> float:
         return float(self.world_size)  # DeepSpeed averages gradients over data-parallel ranks
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, model, optimizer, path) -> None:
+        """DeepSpeed's checkpoint under `path`; a collective every rank calls. Its files name
+        each other relative to the directory given at load time (and `latest` holds only the
+        tag), so ftdist's rename of step_N.partial to step_N does not break them."""
+        model.save_checkpoint(str(path), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, model, optimizer, path, trainer_state: dict) -> None:
+        check_same_layout(trainer_state, self.world_size, self.cfg.zero_stage, path)
+        if not (Path(path) / CHECKPOINT_TAG).is_dir():
+            raise ConfigError(f"resume: {path} holds no DeepSpeed checkpoint (no {CHECKPOINT_TAG}/ directory)")
+        # Restores the schedule too (the trainer's object, given to deepspeed.initialize); the
+        # trainer then loads the same saved state into it again, which changes nothing.
+        loaded, _ = model.load_checkpoint(
+            str(path),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=load_trained_module_state,
+        )
+        if loaded is None:
+            raise ConfigError(f"resume: DeepSpeed could not load the checkpoint in {path}")
 
     # --- evaluation and saving ----------------------------------------------------------------
 
