@@ -396,22 +396,16 @@ class Trainer:
         return out
 
     def save_final(self) -> Path | None:
-        """The trained model in Hugging Face format (rank 0 writes; every rank waits)."""
+        """The trained model in Hugging Face format, by the code `ftdist.export` uses (rank 0
+        writes; every rank waits)."""
+        from ftdist.export import write_adapter, write_full_model
+
         final = self.run_dir / "final"
         is_peft = self.cfg.peft.method != "none"
         # Every rank takes part in gathering sharded weights; rank 0 alone writes them.
         state = self.strategy.full_state_dict(self.model, trainable_only=is_peft)
         if self.strategy.is_main:
             model = self.strategy.unwrap(self.model)
-            model.config.use_cache = True  # training turned it off; users generate with it
-            if is_peft:
-                model.save_pretrained(final, state_dict=state)  # the adapter alone
-            else:
-                # A gathered state dict names tied weights twice; save_pretrained given one
-                # does not drop the copy, so drop it here (from_pretrained re-ties it).
-                for key in getattr(model, "all_tied_weights_keys", None) or {}:
-                    state.pop(key, None)
-                model.save_pretrained(final, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(final)
+            (write_adapter if is_peft else write_full_model)(model, state, final, self.tokenizer)
         self.strategy.barrier()
         return final

@@ -48,8 +48,30 @@ def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("strategy.backend=nccl needs CUDA devices; use strategy.backend=gloo on CPU")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
-    if "WORLD_SIZE" in os.environ:  # under torchrun: env:// rendezvous
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    if backend == "gloo" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        # Every rank on this node: talk over loopback. Measured here: with gloo's default
+        # interface, the workers torchrun restarts after a failure (--max-restarts) hang in
+        # init_process_group; on loopback they rendezvous at once.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    device_id = device if device.type == "cuda" else None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store and outlives restarted workers. Keys of a restart are
+        # kept apart from the failed attempt's, which a new rank could otherwise read (measured:
+        # restarted gloo ranks dialled the dead attempt's ports and failed).
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(f"ftdist/attempt_{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+            device_id=device_id,
+        )
+    elif "WORLD_SIZE" in os.environ:  # launched with env:// variables by something else
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     else:  # a plain `python -m` run: a one-process group so the same code path runs
         dist.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout

@@ -1,0 +1,337 @@
+"""Export a training checkpoint as a Hugging Face model or PEFT adapter, on CPU.
+
+    python -m ftdist.export RUN_DIR_OR_CHECKPOINT --out DIR [--merge] [--dtype bf16|fp32]
+
+A run directory exports its newest complete checkpoint; the run's config.yaml (the
+checkpoint's grandparent) says what was trained. The weights are read on CPU from either
+checkpoint format (torch.distributed.checkpoint, or DeepSpeed's ZeRO files) and written through
+save_pretrained from a model built on the meta device, so no device ever holds the whole model.
+
+- full fine-tuning: model.safetensors + config + tokenizer, loadable with from_pretrained;
+- PEFT: the adapter (PeftModel.from_pretrained(base, DIR)); with --merge, a full model with the
+  adapter merged into the base. For QLoRA the base is the dequantized NF4 weights the adapter
+  was trained against, not the original base. A merge is checked against base + adapter on a
+  few token sequences and fails loudly where the logits differ.
+
+The output is written to DIR.partial and renamed to DIR when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ftdist.checkpoint import complete_checkpoints
+from ftdist.config import ConfigError, FtdistConfig
+
+log = logging.getLogger("ftdist")
+
+EXIT_BAD_INPUT = 2
+EXIT_MERGE_MISMATCH = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # as model.dtype and --dtype name them
+# Max |logits(merged) - logits(base + adapter)|, relative to the largest logit (at least 1),
+# by the coarser of the run's compute dtype and the saved dtype. Measured on the tiny model
+# (logits up to 1.6): fp32 7e-7 (merge reassociation only); bf16 5e-3 (every weight rounded to
+# 8 mantissa bits). Wrong merges are far larger: QLoRA merged into the original base instead of
+# the NF4 one 0.21, the adapter left out 1.3.
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+PROBE_SEQUENCES, PROBE_LENGTH = 4, 32
+
+
+class MergeMismatch(RuntimeError):
+    """The merged model does not compute what base + adapter computes."""
+
+
+# --- finding the checkpoint and the run's config ------------------------------------------
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """`path` itself where it is a checkpoint, else the newest complete one of run dir `path`."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run directory or checkpoint")
+    if path.name.endswith(".partial"):
+        raise ConfigError(f"{path}: an incomplete checkpoint (cut short while saving); export a complete step_N")
+    if (path / "model_optimizer").is_dir():
+        if not (path / "trainer.pt").is_file():
+            raise ConfigError(f"{path}: not a complete ftdist checkpoint (no trainer.pt)")
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise ConfigError(f"{path}: neither a checkpoint (no model_optimizer/) nor a run directory with checkpoints")
+    return found[-1]
+
+
+def read_run_config(run_dir: Path) -> FtdistConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.yaml (the checkpoint's run directory holds the run's config)")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FtdistConfig), OmegaConf.load(path)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: not an ftdist run config: {e}") from e
+
+
+# --- reading the trained weights ------------------------------------------------------------
+
+
+def read_model_state(model_optimizer: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors named in `wanted` (module FQNs) from a checkpoint's model_optimizer/, on CPU."""
+    if (model_optimizer / ".metadata").is_file():
+        state = _read_dcp(model_optimizer, wanted)
+    elif (model_optimizer / "latest").is_file() or any(model_optimizer.glob("*/*model_states.pt")):
+        state = _read_deepspeed(model_optimizer, wanted)
+    else:
+        raise ConfigError(f"{model_optimizer}: neither a torch.distributed.checkpoint nor a DeepSpeed checkpoint")
+    missing = sorted(wanted - state.keys())
+    if missing:
+        raise ConfigError(
+            f"{model_optimizer}: lacks {len(missing)} tensor(s) the run's model has, e.g. {missing[0]} "
+            "(does config.yaml belong to this checkpoint?)"
+        )
+    return state
+
+
+def _read_dcp(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {}
+    for key, meta in entries.items():
+        name = key.removeprefix("model.")
+        if key.startswith("model.") and name in wanted and isinstance(meta, TensorStorageMetadata):
+            state[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    # Loads into full-size CPU tensors whatever the saved sharding (DCP reshards on read);
+    # the optimizer state is never read.
+    dcp.load({"model": state}, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+def _read_deepspeed(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Without a `latest` file the tag is the one directory holding the model states.
+    tags = sorted({p.parent.name for p in path.glob("*/*model_states.pt")})
+    tag = None if (path / "latest").is_file() or len(tags) != 1 else tags[0]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    return {k: v for k, v in state.items() if k in wanted}
+
+
+# --- building models ---------------------------------------------------------------------------
+
+
+def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype):
+    """The run's architecture with no weights (its config from the base model's directory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+
+
+def tied_copies(model: torch.nn.Module) -> set[str]:
+    """State dict keys that alias another tensor (an lm_head tied to the embedding)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def full_model_names(model: torch.nn.Module) -> set[str]:
+    """State dict keys a checkpoint must supply: tied copies are one tensor, saved once."""
+    return set(model.state_dict()) - tied_copies(model)
+
+
+def adapter_names(peft_model: torch.nn.Module) -> set[str]:
+    return {n for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def attach_adapter(base: torch.nn.Module, cfg: FtdistConfig, adapter: dict[str, torch.Tensor]):
+    """base wrapped by the run's adapter config, holding the trained adapter weights."""
+    from ftdist.model.adapters import apply_adapters
+
+    model = apply_adapters(base, cfg.peft)
+    result = model.load_state_dict(adapter, strict=False)
+    unloaded = adapter_names(model) - adapter.keys()
+    if result.unexpected_keys or unloaded:
+        raise ConfigError(
+            f"the checkpoint's adapter does not fit the run's base model: unexpected {result.unexpected_keys[:3]}, "
+            f"missing {sorted(unloaded)[:3]}"
+        )
+    return model.eval()
+
+
+# --- writing (trainer.save_final writes final/ through these too) ---------------------------
+
+
+def write_full_model(model, state: dict[str, torch.Tensor], out: Path, tokenizer=None) -> None:
+    """save_pretrained of `state` with `model`'s config (model may live on the meta device).
+
+    A gathered state dict names tied weights twice; save_pretrained given one does not drop
+    the copy, so it is dropped here (from_pretrained re-ties it)."""
+    tied = tied_copies(model)
+    state = {k: v for k, v in state.items() if k not in tied}
+    model.config.use_cache = True  # training turned it off; users generate with it
+    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def write_adapter(peft_model, state: dict[str, torch.Tensor], out: Path, tokenizer=None) -> None:
+    """adapter_config.json + adapter_model.safetensors from the adapter tensors alone."""
+    peft_model.save_pretrained(out, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+# --- merging -----------------------------------------------------------------------------------
+
+
+def probe_ids(vocab_size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (PROBE_SEQUENCES, PROBE_LENGTH), generator=g)
+
+
+@torch.no_grad()
+def probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def load_base(cfg: FtdistConfig, model_path: str):
+    """The base exactly as the run trained on it: 4-bit NF4 for QLoRA, on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config
+
+    dtype = DTYPES[cfg.model.dtype]
+    quant = quantization_config(cfg.peft, dtype)
+    extra = {"quantization_config": quant, "device_map": {"": "cpu"}} if quant is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
+    )
+    # Evaluation-mode bitsandbytes would repack the weights for another CPU kernel: the
+    # reference logits must come from the layers that trained.
+    keep_4bit_weights_trainable(base)
+    return base
+
+
+def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], dtype: torch.dtype):
+    """The base with the adapter merged in, in `dtype`; raises MergeMismatch where its logits
+    differ from base + adapter's (computed as the run did) by more than MERGE_TOLERANCE."""
+    model = attach_adapter(load_base(cfg, model_path), cfg, adapter)
+    ids = probe_ids(model.config.vocab_size)
+    reference = probe_logits(model, ids)
+    coarsest = torch.bfloat16 if torch.bfloat16 in (dtype, DTYPES[cfg.model.dtype]) else torch.float32
+    tolerance = MERGE_TOLERANCE[coarsest] * max(1.0, reference.abs().max().item())
+    if cfg.peft.method == "qlora":
+        # peft would merge into the 4-bit layers and quantize the sum again, losing the delta;
+        # instead the NF4 weights become dense fp32 (exactly what the 4-bit kernel computed
+        # with), then the adapter merges into them.
+        base = model.unload()
+        base.dequantize(dtype=torch.float32)
+        model = attach_adapter(base, cfg, adapter)
+    merged = model.merge_and_unload().float()
+    for p in merged.parameters():  # round to the saved dtype, check in fp32 (CPU bf16 is slow)
+        p.data = p.data.to(dtype).float()
+    diff = (probe_logits(merged, ids) - reference).abs().max().item()
+    print(
+        f"merge check: max |logits(merged, {str(dtype).removeprefix('torch.')}) - logits(base + adapter)| = "
+        f"{diff:.3g} (tolerance {tolerance:.3g}) on {PROBE_SEQUENCES} sequences of {PROBE_LENGTH} tokens"
+    )
+    if not diff <= tolerance:  # NaN fails too
+        raise MergeMismatch(f"merged model differs from base + adapter by {diff:.3g} > {tolerance:.3g}; not written")
+    return merged.to(dtype)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str | None = None) -> Path:
+    from ftdist.model.loading import load_tokenizer, resolve_model_path
+
+    checkpoint = resolve_checkpoint(source)
+    cfg = read_run_config(checkpoint.parent.parent)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty")
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("exporting %s (peft.method=%s) to %s", checkpoint, cfg.peft.method, out)
+    try:
+        if cfg.peft.method == "none":
+            if merge_adapter:
+                log.info("--merge: a full fine-tune has no adapter; exporting the full model")
+            _export_full(cfg, checkpoint, model_path, staging, dtype_name, tokenizer)
+        else:
+            _export_peft(cfg, checkpoint, model_path, staging, merge_adapter, dtype_name, tokenizer)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)  # an empty directory at most (checked above)
+    staging.rename(out)
+    return out
+
+
+def _export_full(cfg, checkpoint, model_path, out, dtype_name, tokenizer) -> None:
+    names = full_model_names(meta_model(cfg, model_path, torch.float32))
+    state = read_model_state(checkpoint / "model_optimizer", names)
+    dtype = DTYPES[dtype_name] if dtype_name else next(iter(state.values())).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_full_model(meta_model(cfg, model_path, dtype), state, out, tokenizer)
+
+
+def _export_peft(cfg, checkpoint, model_path, out, merge_adapter, dtype_name, tokenizer) -> None:
+    from ftdist.model.adapters import apply_adapters
+
+    skeleton = apply_adapters(meta_model(cfg, model_path, torch.float32), cfg.peft)
+    adapter = read_model_state(checkpoint / "model_optimizer", adapter_names(skeleton))
+    if not merge_adapter:
+        write_adapter(skeleton, adapter, out, tokenizer)
+        return
+    # A QLoRA base is 4-bit NF4 codes times block scales: bf16's rounding is far finer than
+    # that quantization, at half fp32's size.
+    default = "bf16" if cfg.peft.method == "qlora" else cfg.model.dtype
+    dtype = DTYPES[dtype_name or default]
+    merged = merge(cfg, model_path, adapter, dtype)
+    write_full_model(merged, merged.state_dict(), out, tokenizer)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a run directory (its newest checkpoint) or a checkpoint step_N")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--merge", action="store_true", help="PEFT runs: merge the adapter into the base model")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights dtype (default: as trained; bf16 for a QLoRA merge)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = export(args.source, args.out, args.merge, args.dtype)
+    except ConfigError as e:
+        print(f"ftdist.export: ConfigError: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MergeMismatch as e:
+        print(f"ftdist.export: MergeMismatch: {e}", file=sys.stderr)
+        return EXIT_MERGE_MISMATCH
+    print(f"exported to {out}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

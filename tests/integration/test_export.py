@@ -1,0 +1,222 @@
+"""`python -m ftdist.export`: checkpoints of real runs (single, FSDP, ZeRO-3, LoRA, QLoRA) become
+Hugging Face models and PEFT adapters that load and compute what the run trained.
+
+Each run saves a checkpoint at its last step, so its final/ (written by the trainer from the
+live model) is the independent reference the export, read from the checkpoint alone, must equal.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import FAST, REPO, read_metrics, run_env, run_train
+from safetensors.torch import load_file
+
+from ftdist import export as export_mod
+from ftdist.data.loader import collate
+from ftdist.data.prepare import prepare_data
+from ftdist.model.loading import load_tokenizer, resolve_model_path
+from ftdist.objectives import sft_loss_sum
+
+STEPS = ["train.max_steps=2", "checkpoint.every_steps=2", "train.micro_batch_size=4"]
+
+
+def train(root, name, overrides, nproc=None):
+    run_dir = root / name
+    run_train([*FAST, *STEPS, *overrides, f"output_dir={run_dir}"], nproc=nproc)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("export_runs")
+
+
+@pytest.fixture(scope="module")
+def single_run(runs):
+    return train(runs, "single", [])
+
+
+@pytest.fixture(scope="module")
+def lora_run(runs):
+    return train(runs, "lora", ["peft=lora"])
+
+
+@pytest.fixture(scope="module")
+def qlora_run(runs):
+    return train(runs, "qlora", ["peft=qlora", "peft.dropout=0"])
+
+
+def assert_export_equals_final(out, run_dir):
+    from transformers import AutoModelForCausalLM
+
+    exported = load_file(out / "model.safetensors")
+    final = load_file(run_dir / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    for name, value in final.items():
+        assert exported[name].numel() > 0 and exported[name].abs().max() > 0, name
+        assert torch.equal(exported[name], value), name
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # re-tied on load
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, final.get(name, final["model.embed_tokens.weight"])), name
+
+
+# --- full fine-tuning: one process, FSDP, ZeRO-3 ------------------------------------------------
+
+
+def test_single_process_export_equals_final(single_run, tmp_path):
+    out = export_mod.export(single_run, tmp_path / "hf")  # the run dir: its newest checkpoint
+    assert_export_equals_final(out, single_run)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert not (tmp_path / "hf.partial").exists()
+
+
+def test_dtype_bf16_casts_every_weight(single_run, tmp_path):
+    checkpoint = single_run / "checkpoints" / "step_00000002"
+    out = export_mod.export(checkpoint, tmp_path / "bf16", dtype_name="bf16")
+    exported, final = load_file(out / "model.safetensors"), load_file(single_run / "final" / "model.safetensors")
+    for name, value in final.items():
+        assert torch.equal(exported[name], value.to(torch.bfloat16)), name
+
+
+def test_fsdp_checkpoint_export_equals_final(runs, tmp_path):
+    run_dir = train(runs, "fsdp", ["strategy=fsdp"], nproc=2)
+    assert_export_equals_final(export_mod.export(run_dir, tmp_path / "hf"), run_dir)
+
+
+def test_zero3_checkpoint_export_equals_final(runs, tmp_path):
+    run_dir = train(runs, "zero3", ["strategy=zero3"], nproc=2)
+    assert (run_dir / "checkpoints" / "step_00000002" / "model_optimizer" / "latest").is_file()  # DeepSpeed's format
+    assert_export_equals_final(export_mod.export(run_dir, tmp_path / "hf"), run_dir)
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+def load_base(run_dir, quantized: bool):
+    from transformers import AutoModelForCausalLM
+
+    from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config
+
+    cfg = export_mod.read_run_config(run_dir)
+    quant = quantization_config(cfg.peft, torch.float32) if quantized else None
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), quantization_config=quant)
+    keep_4bit_weights_trainable(base)
+    return base
+
+
+def val_batch(run_dir):
+    cfg = export_mod.read_run_config(run_dir)
+    tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model))
+    _, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
+    return collate(val, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def logits(model, batch):
+    return model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
+def adapted_logits(run_dir, adapter_dir, batch, quantized):
+    from peft import PeftModel
+
+    return logits(PeftModel.from_pretrained(load_base(run_dir, quantized), adapter_dir), batch)
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_adapter_export_equals_final_adapter(request, name, tmp_path):
+    run_dir = request.getfixturevalue(f"{name}_run")
+    out = export_mod.export(run_dir, tmp_path / "adapter")
+    exported = load_file(out / "adapter_model.safetensors")
+    final = load_file(run_dir / "final" / "adapter_model.safetensors")
+    assert exported.keys() == final.keys() and any("lora_B" in k for k in final)
+    for key, value in final.items():
+        assert exported[key].abs().max() > 0 and torch.equal(exported[key], value), key
+    assert not (out / "model.safetensors").exists()  # never the base
+
+
+def test_lora_adapter_export_reproduces_eval_loss(lora_run, tmp_path):
+    out = export_mod.export(lora_run, tmp_path / "adapter")
+    batch = val_batch(lora_run)
+    loss = sft_loss_sum(adapted_logits(lora_run, out, batch, quantized=False), batch.labels).item()
+    _, evals = read_metrics(lora_run)
+    assert loss / batch.num_label_tokens == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+
+
+def merged_vs_adapted(run_dir, tmp_path, quantized, dtype_name):
+    """max |logits(merged export) - logits(base + exported adapter)| on the validation set."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = export_mod.export(run_dir, tmp_path / "adapter")
+    merged_dir = export_mod.export(run_dir, tmp_path / "merged", merge_adapter=True, dtype_name=dtype_name)
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    batch = val_batch(run_dir)
+    return (logits(merged, batch) - adapted_logits(run_dir, adapter, batch, quantized)).abs().max().item()
+
+
+def test_lora_merge_equals_base_plus_adapter(lora_run, tmp_path):
+    assert merged_vs_adapted(lora_run, tmp_path, quantized=False, dtype_name=None) < 1e-4  # fp32 run
+
+
+@pytest.mark.parametrize("dtype_name, tolerance", [("fp32", 1e-4), (None, 2e-2)])
+def test_qlora_merge_equals_4bit_base_plus_adapter(qlora_run, tmp_path, dtype_name, tolerance):
+    # Merged into dequantized NF4 weights: measured ~1e-6 in fp32 and ~6e-3 in bf16 (the default),
+    # where merging into the original base instead would differ by ~0.2 (below).
+    assert merged_vs_adapted(qlora_run, tmp_path, quantized=True, dtype_name=dtype_name) < tolerance
+    if dtype_name is None:
+        config = (tmp_path / "merged" / "config.json").read_text()
+        assert '"dtype": "bfloat16"' in config and "quantization_config" not in config
+
+
+def test_qlora_merge_into_original_base_would_be_caught(qlora_run, tmp_path):
+    # The check's teeth: the adapter on the unquantized base is not the model that trained.
+    from peft import PeftModel
+
+    adapter = export_mod.export(qlora_run, tmp_path / "adapter")
+    batch = val_batch(qlora_run)
+    naive = logits(PeftModel.from_pretrained(load_base(qlora_run, False), adapter).merge_and_unload(), batch)
+    assert (naive - adapted_logits(qlora_run, adapter, batch, quantized=True)).abs().max() > 0.05
+
+
+def test_failed_merge_check_writes_nothing(lora_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(export_mod.MERGE_TOLERANCE, torch.float32, 0.0)
+    code = export_mod.main([str(lora_run), "--out", str(tmp_path / "merged"), "--merge"])
+    assert code == export_mod.EXIT_MERGE_MISMATCH
+    assert "MergeMismatch" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # neither merged/ nor merged.partial/
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_path_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftdist.export", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    expected = f"ftdist.export: ConfigError: {tmp_path / 'nope'}: no such run directory or checkpoint"
+    assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_partial_checkpoint_and_missing_config_exit_2(single_run, tmp_path, capsys):
+    import shutil
+
+    partial = tmp_path / "run" / "checkpoints" / "step_00000002.partial"  # a save cut short
+    shutil.copytree(single_run / "checkpoints" / "step_00000002", partial)
+    shutil.copy(single_run / "config.yaml", tmp_path / "run")
+    assert export_mod.main([str(partial), "--out", str(tmp_path / "a")]) == 2
+    assert "incomplete checkpoint" in capsys.readouterr().err
+    assert export_mod.main([str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 2  # nothing complete
+    assert "no model_optimizer" in capsys.readouterr().err
+    orphan = tmp_path / "elsewhere" / "checkpoints" / "step_00000002"
+    shutil.copytree(single_run / "checkpoints" / "step_00000002", orphan)
+    assert export_mod.main([str(orphan), "--out", str(tmp_path / "b")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
