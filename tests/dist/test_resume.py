@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -89,7 +88,7 @@ def test_resumed_losses_are_bitwise_those_of_an_uninterrupted_run(resumed, name)
 
 
 def test_only_complete_checkpoints_are_kept_and_found(resumed):
-    root, runs = resumed
+    _, runs = resumed
     straight = runs["single"][0]
     names = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert names == ["step_00000004", "step_00000008"]
@@ -117,7 +116,7 @@ def _copy_first_half(src, dst):
 
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
 def test_fsdp_checkpoint_reshards_across_world_sizes(resumed, tmp_path, saved_on, resumed_on):
-    root, runs = resumed
+    _, runs = resumed
     micro = {1: ["train.micro_batch_size=1", "train.grad_accum_steps=2"], 2: ["train.micro_batch_size=1"]}
     if saved_on == 2:
         source = runs["fsdp"][0]
@@ -138,7 +137,7 @@ def test_fsdp_checkpoint_reshards_across_world_sizes(resumed, tmp_path, saved_on
 
 
 def test_resume_refuses_a_different_global_batch(resumed, tmp_path):
-    root, runs = resumed
+    _, runs = resumed
     target = tmp_path / "other_batch"
     _copy_first_half(runs["single"][0], target)
     proc = run([*BASE, "train.micro_batch_size=3", f"output_dir={target}"], check=False)
@@ -182,7 +181,7 @@ def test_nan_on_one_rank_stops_every_rank_with_raise(tmp_path):
 
 
 def test_elastic_restart_resumes_from_the_last_checkpoint(resumed, tmp_path):
-    root, runs = resumed
+    _, runs = resumed
     out = tmp_path / "elastic"
     overrides = [*BASE, "strategy=ddp", "train.micro_batch_size=1", f"output_dir={out}"]
     proc = run(overrides, 2, fault="crash:6:1", launcher_args=["--max-restarts=1"])
