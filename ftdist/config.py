@@ -141,6 +141,10 @@ class TrainConfig:
     # A NaN/Inf loss or gradient norm on any rank: raise (stop the run) | skip (leave the
     # parameters unchanged, count the step in metrics as skipped_steps).
     on_nonfinite: str = "raise"
+    # End this invocation after this many steps of the run (a checkpoint is written, no final
+    # eval or export) while the schedule stays that of max_steps: rerun to continue. For jobs in
+    # time slices, and for checking that a resume is exact.
+    stop_after_steps: int | None = None
 
 
 @dataclass

@@ -96,7 +96,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
             loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
         summary = trainer.fit(resume_from)
-        if cfg.train.save_final:
+        if cfg.train.save_final and summary.get("complete", True):
             summary["final_dir"] = str(trainer.save_final())
         if strategy.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

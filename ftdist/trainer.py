@@ -120,6 +120,7 @@ class Trainer:
         self.step = 0
         self.total_tokens = 0
         self.skipped_steps = 0
+        self.checkpointed_step = -1
         self.preemption = PreemptionFlag()
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
@@ -291,6 +292,8 @@ class Trainer:
             self._train_loop(has_val)
         finally:
             self.preemption.restore()
+        if self.step < self.total_steps:  # stopped by train.stop_after_steps, checkpoint written
+            return {**self.summary(), "complete": False}
         if has_val:
             self._log_eval(self.evaluate(with_generation=True))
         return self.summary()
@@ -299,7 +302,12 @@ class Trainer:
         cfg = self.cfg
         start = time.perf_counter()
         bar = self._progress_bar()
+        stop_at = self.cfg.train.stop_after_steps
         while self.step < self.total_steps:
+            if stop_at is not None and self.step >= stop_at:
+                self.checkpoint()
+                log.info("stopping at step %d (train.stop_after_steps); rerun to continue", self.step)
+                break
             record = self.train_step()
             record["elapsed_s"] = time.perf_counter() - start
             self.history.append(record)
@@ -324,14 +332,12 @@ class Trainer:
         if fault == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
         every = self.cfg.checkpoint.every_steps
-        saved = False
         if every and self.step % every == 0:
-            save_checkpoint(self)
-            saved = True
+            self.checkpoint()
         # Only the signalled ranks know: every rank stops at this step if any rank was told.
         (stop,) = self.strategy.all_reduce_max([float(self.preemption.requested)])
         if stop:
-            path = save_checkpoint(self) if not saved else checkpoint_dir(self.run_dir, self.step)
+            path = self.checkpoint()
             if self.strategy.is_main:
                 # torchrun reports any worker exit as its own failure (exit 1); this marker is
                 # how a wrapper (the Slurm layer) tells a preemption from a crash.
@@ -339,6 +345,13 @@ class Trainer:
             raise Preempted(f"preempted at step {self.step}; resume with resume=auto")
 
     # --- checkpoint state -------------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        """A checkpoint of the current step, written once however many reasons ask for it."""
+        if self.checkpointed_step != self.step:
+            save_checkpoint(self)
+            self.checkpointed_step = self.step
+        return checkpoint_dir(self.run_dir, self.step)
 
     def checkpoint_state(self) -> dict:
         return {
@@ -366,7 +379,7 @@ class Trainer:
                 )
 
     def restore_checkpoint_state(self, state: dict) -> None:
-        self.step = state["step"]
+        self.step = self.checkpointed_step = state["step"]
         self.total_tokens = state["total_tokens"]
         self.skipped_steps = state["skipped_steps"]
         self.scheduler.load_state_dict(state["scheduler"])

@@ -188,3 +188,16 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(resumed, tmp_path):
     assert "injected crash at step 6" in proc.stderr
     a, b = losses(runs["ddp"][0]), losses(out)
     assert b == a
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp"])
+def test_four_steps_then_resume_auto_to_eight_matches_eight_straight(resumed, tmp_path, name):
+    """The issue's acceptance, as a user runs it: stop after 4 steps, rerun to 8."""
+    overrides, nproc, _ = CASES[name]
+    _, runs = resumed
+    out = [*BASE, *overrides, f"output_dir={tmp_path / name}"]
+    run([*out, "train.stop_after_steps=4"], nproc)
+    assert not (tmp_path / name / "final").exists()
+    run(out, nproc)
+    a, b = losses(runs[name][0]), losses(tmp_path / name)
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
