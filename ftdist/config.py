@@ -164,7 +164,14 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # none: metrics.jsonl and the console only
+    backend: str = "none"  # none: metrics.jsonl and the console only | wandb: also Weights & Biases
+    project: str = "ftdist"
+    entity: str | None = None
+    run_name: str | None = None  # default: experiment_name and the run directory's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # online | offline | disabled; null leaves it to WANDB_MODE (wandb's default: online).
+    mode: str | None = None
 
 
 @dataclass
@@ -222,7 +229,8 @@ CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "none"),
     "train.on_nonfinite": ("raise", "skip"),
-    "tracking.backend": ("none",),
+    "tracking.backend": ("none", "wandb"),
+    "tracking.mode": (None, "online", "offline", "disabled"),
 }
 
 POSITIVE = (

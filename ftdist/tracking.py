@@ -1,4 +1,4 @@
-"""Where metrics go: metrics.jsonl (always, rank 0) and the log."""
+"""Where metrics go: metrics.jsonl (always, rank 0), the log, and optionally Weights & Biases."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import logging
 import math
 from pathlib import Path
+
+from ftdist.config import ConfigError, TrackingConfig
 
 log = logging.getLogger("ftdist")
 
@@ -16,11 +18,43 @@ def _clean(value):
     return value
 
 
+class WandbTracker:
+    """One W&B run per invocation, written under the run directory (rank 0 only)."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict, default_name: str):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("tracking=wandb needs the wandb package: pip install wandb") from e
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name or default_name,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            mode=cfg.mode,  # None: WANDB_MODE or wandb's default decides
+            dir=str(run_dir),
+            config=config,
+        )
+
+    def log(self, record: dict) -> None:
+        # W&B steps must not decrease: eval lines share their train step, which W&B merges.
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.run.log(values, step=int(record["step"]))
+
+    def finish(self, summary: dict) -> None:
+        for key, value in summary.items():
+            if isinstance(value, (int, float, str)):
+                self.run.summary[key] = value
+        self.run.finish()
+
+
 class MetricsWriter:
     """Appends one JSON object per line; flushed at once so a crash loses nothing logged."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tracker: WandbTracker | None = None):
         self.enabled = enabled
+        self.tracker = tracker if enabled else None
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 (open for the run)
 
@@ -40,7 +74,12 @@ class MetricsWriter:
             return
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(summary or {})
+            self.tracker = None
         if self._file:
             self._file.close()

@@ -98,6 +98,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         summary = trainer.fit(resume_from)
         if cfg.train.save_final and summary.get("complete", True):
             summary["final_dir"] = str(trainer.save_final())
+        trainer.metrics.close(summary)
         if strategy.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             report_summary(summary)

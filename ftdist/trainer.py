@@ -10,6 +10,7 @@ accumulation splits and world sizes all give the same gradient.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from ftdist.model.attention import model_inputs
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
-from ftdist.tracking import MetricsWriter
+from ftdist.tracking import MetricsWriter, WandbTracker
 
 log = logging.getLogger("ftdist")
 
@@ -116,7 +117,10 @@ class Trainer:
             cfg.train,
             self.bf16,
         )
-        self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main)
+        tracker = None
+        if strategy.is_main and cfg.tracking.backend == "wandb":
+            tracker = WandbTracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), f"{cfg.experiment_name}-{run_dir.name}")
+        self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main, tracker=tracker)
         self.step = 0
         self.total_tokens = 0
         self.skipped_steps = 0
