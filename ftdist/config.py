@@ -92,6 +92,9 @@ class StrategyConfig:
     name: str = "single"  # single | ddp | fsdp | deepspeed
     backend: str = "auto"  # auto (nccl on CUDA, else gloo) | gloo | nccl
     timeout_s: int = 600  # process-group timeout
+    # Every rank must check in within this many seconds of joining the process group, or the
+    # run stops naming the ranks that did not (instead of hanging in the first collective).
+    preflight_timeout_s: int = 60
     # fsdp (FSDP2 fully_shard per decoder block, then the root)
     reshard_after_forward: bool = True  # free gathered blocks after forward (ZeRO-3-like)
     cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live on CPU
@@ -244,6 +247,7 @@ POSITIVE = (
     "eval.max_new_tokens",
     "eval.batch_size",
     "strategy.timeout_s",
+    "strategy.preflight_timeout_s",
     "peft.r",
     "checkpoint.keep",
 )

@@ -16,6 +16,7 @@ log = logging.getLogger("ftdist")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; distinct from errors (1) and bad input (2)
 EXIT_NONFINITE = 3
+EXIT_PREFLIGHT = 4
 PREEMPTED_MARKER = "preempted.json"  # in output_dir while a preempted run awaits its resume
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -56,6 +57,7 @@ class PreemptionFlag:
 #   nan      its loss for that step becomes NaN
 #   sigterm  it sends itself SIGTERM after that step (a preemption notice to one rank)
 #   crash    it dies at that step, in the first attempt only (TORCHELASTIC_RESTART_COUNT 0)
+#   stall    (STEP 0) it never checks in at the preflight after joining the process group
 # The tests use it to exercise the real handling code under torchrun; it is inert when unset.
 
 

@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ftdist.config import ConfigError, check_override_keys, load_config, register_schemas
-from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError, Preempted
+from ftdist.parallel.base import PreflightError
+from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT, NonFiniteError, Preempted
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_BAD_INPUT = 2
@@ -126,6 +127,9 @@ def main(dcfg: DictConfig) -> None:
     except Preempted as e:
         print(f"ftdist: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except PreflightError as e:
+        print(f"ftdist: PreflightError: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREFLIGHT)
     except NonFiniteError as e:
         print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
         sys.exit(EXIT_NONFINITE)

@@ -12,11 +12,13 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 
 import torch
 import torch.distributed as dist
 
 from ftdist.config import ConfigError, StrategyConfig, TrainConfig
+from ftdist.resilience import injected_fault
 
 
 def launched_world_size() -> int:
@@ -41,6 +43,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PreflightError(RuntimeError):
+    """Some ranks did not join: the message names them and what to check."""
+
+
+def preflight(store, rank: int, world_size: int, timeout_s: float, device: torch.device) -> None:
+    """Every rank checks in through the store, then one all-reduce proves the collectives work.
+
+    A missing rank would otherwise leave the others blocked in their first collective until the
+    process-group timeout (minutes), with no word of which rank is gone.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+    def key(r: int) -> str:
+        return f"ftdist/preflight/{attempt}/{r}"
+
+    store.set(key(rank), "1")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [r for r in range(world_size) if not store.check([key(r)])]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise PreflightError(
+                f"preflight: rank(s) {missing} of {world_size} did not check in within {timeout_s:g} s "
+                f"(this is rank {rank}). Check that every node launched (same --nnodes, --rdzv_endpoint, "
+                "--rdzv_id), that their logs show no earlier error, and that the nodes reach each other "
+                "(firewall, GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME); strategy.preflight_timeout_s sets the wait"
+            )
+        time.sleep(0.05)
+    ones = torch.ones(1, device=device)
+    dist.all_reduce(ones)
+    if int(ones.item()) != world_size:
+        raise PreflightError(f"preflight: all-reduce over {world_size} ranks gave {ones.item()}")
+
+
 def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
     backend = cfg.backend
     if backend == "auto":
@@ -62,9 +99,10 @@ def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
         )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"ftdist/attempt_{attempt}", store)
         dist.init_process_group(
             backend=backend,
-            store=dist.PrefixStore(f"ftdist/attempt_{attempt}", store),
+            store=store,
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
             timeout=timeout,
@@ -72,10 +110,15 @@ def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
         )
     elif "WORLD_SIZE" in os.environ:  # launched with env:// variables by something else
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
+        store = dist.distributed_c10d._get_default_store()
     else:  # a plain `python -m` run: a one-process group so the same code path runs
         dist.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
         )
+        return
+    if injected_fault(0, dist.get_rank()) == "stall":
+        time.sleep(cfg.preflight_timeout_s + 30)  # a rank that never checks in (tests)
+    preflight(store, dist.get_rank(), dist.get_world_size(), cfg.preflight_timeout_s, device)
 
 
 class Strategy:
