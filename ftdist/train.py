@@ -103,6 +103,8 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         if strategy.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             report_summary(summary)
+        # Leave together: a rank tearing down gloo while another still talks to it aborts.
+        strategy.barrier()
         return trainer, summary
     finally:
         strategy.shutdown()

@@ -346,6 +346,7 @@ class Trainer:
                 # torchrun reports any worker exit as its own failure (exit 1); this marker is
                 # how a wrapper (the Slurm layer) tells a preemption from a crash.
                 (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+            self.strategy.barrier()  # every rank leaves together (see train.run)
             raise Preempted(f"preempted at step {self.step}; resume with resume=auto")
 
     # --- checkpoint state -------------------------------------------------------------------
