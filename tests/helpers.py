@@ -64,3 +64,16 @@ def random_examples(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list:
         prompt = rng.randint(1, length - 1)
         out.append(Example(ids, [-100] * prompt + ids[prompt:]))
     return out
+
+
+def assert_same_final_weights(expected_run: Path, actual_run: Path, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Two runs' final/model.safetensors hold the same tensors (names, dtypes, values)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(Path(expected_run) / "final" / "model.safetensors")
+    b = load_file(Path(actual_run) / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name].dtype == a[name].dtype, name
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)

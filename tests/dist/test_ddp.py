@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers import FAST, read_metrics, run_train
+from helpers import FAST, assert_same_final_weights, read_metrics, run_train
 
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "elapsed_s"}
 
@@ -37,11 +34,7 @@ def test_ddp_losses_equal_single_process(runs, reference):
 
 
 def test_ddp_final_weights_match_single_process(runs):
-    a = load_file(runs / "single" / "final" / "model.safetensors")
-    b = load_file(runs / "ddp" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_final_weights(runs / "single", runs / "ddp")
 
 
 def test_metrics_lines_carry_every_field(runs):

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, read_metrics, run_env, run_train
-from safetensors.torch import load_file
+from helpers import REPO, assert_same_final_weights, read_metrics, run_env, run_train
 
 from ftdist.config import ConfigError, StrategyConfig, TrainConfig
 from ftdist.parallel.deepspeed import deepspeed_config
@@ -132,12 +131,7 @@ def test_throughput_metrics_are_reported(run):
 
 
 def test_saved_weights_match_single_process(root, run):
-    a = load_file(root / "single" / "final" / "model.safetensors")
-    b = load_file(run / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert b[name].dtype == a[name].dtype
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=5e-5, msg=name)
+    assert_same_final_weights(root / "single", run, atol=5e-5)
 
 
 def test_ranks_hold_identical_parameters(run):

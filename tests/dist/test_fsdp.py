@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FAST, read_metrics, run_train
+from helpers import FAST, assert_same_final_weights, read_metrics, run_train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -77,11 +77,7 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32_and_keeps_fp32_weights(full_runs)
 def test_fsdp_gathered_weights_match_single_process(full_runs):
     # FSDP keeps one sharded copy, so the gathered save is the only full model there is: it must
     # equal the single-process model, which also shows rank 0's weights reached every shard.
-    a = load_file(full_runs / "single" / "final" / "model.safetensors")
-    b = load_file(full_runs / "fsdp" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_final_weights(full_runs / "single", full_runs / "fsdp")
 
 
 @pytest.mark.parametrize("name", [n for n in PEFT_RUNS if n != "single_qlora"])

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import FAST, REPO, read_metrics, run_env, train_cmd
+from helpers import FAST, REPO, assert_same_final_weights, read_metrics, run_env, train_cmd
 
 from ftdist.resilience import EXIT_PREEMPTED, PREEMPTED_MARKER
 
@@ -129,11 +129,7 @@ def test_fsdp_checkpoint_reshards_across_world_sizes(resumed, tmp_path, saved_on
     a, b = losses(source), losses(target)
     for step in range(5, 9):  # other reduction order: equal to float rounding, not bitwise
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(source / "final" / "model.safetensors"), load_file(target / "final" / "model.safetensors")
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_final_weights(source, target)
 
 
 def test_resume_refuses_a_different_global_batch(resumed, tmp_path):
