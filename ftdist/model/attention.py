@@ -7,7 +7,8 @@ position ids alone, so every backend but a varlen kernel keeps documents apart e
   built; unpacked batches take transformers' own sdpa path unchanged;
 - plain transformers sdpa (models loaded outside ftdist): a boolean block-diagonal causal mask;
 - eager: the same as an additive float mask (0 / dtype min), which is what eager expects;
-- flex_attention: a BlockMask built from the per-token document ids;
+- flex_attention: a BlockMask built from the per-token document ids, and kernel options that
+  keep every query length on the main flex kernel (see FLEX_KERNEL_OPTIONS);
 - flash_attention_2: no mask; transformers derives cu_seqlens from the restarting position ids.
 Padding positions form a "document" of their own (id -1), so no query row is fully masked
 (a fully masked row would give NaN, and NaN times a zero gradient is still NaN).
@@ -19,11 +20,26 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ftdist.config import ConfigError
 from ftdist.data.loader import Batch
 
 DOCUMENT_SDPA = "ftdist_document_sdpa"
+
+# Inductor lowers flex_attention with a query shorter than 128 tokens (no grad: evaluation,
+# a short document alone) to its flex-decoding kernel. With grouped-query attention that
+# kernel packs the query heads of one KV head into its M tile, so for 64 < T < 128 and two
+# query heads per KV head the tile (256) exceeds the block mask's 128-row query blocks, every
+# candidate config is filtered out, and compilation fails with NoValidChoicesError (seen on an
+# H200 with torch 2.11; pytorch/pytorch#185349 fixes the lowering later). The main flex kernel
+# handles every length; FORCE_USE_FLEX_ATTENTION is the knob torch has accepted since 2.5 (newer
+# releases also take BACKEND="TRITON", but reject the two together).
+FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+
+
+ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+PER_DOCUMENT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -37,6 +53,15 @@ def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     p = dropout if module.training else 0.0
+    # cuDNN attention (torch's first choice on Hopper) builds a new plan for every sequence
+    # length, and every document has its own: measured on an H200, packed steps ran 20x slower
+    # than padded ones. Flash and memory-efficient kernels take any length as is.
+    backends = PER_DOCUMENT_BACKENDS if query.is_cuda else ALL_BACKENDS
+    with sdpa_kernel(backends):
+        return _per_document_sdpa(query, key, value, segments, scaling, p), None
+
+
+def _per_document_sdpa(query, key, value, segments, scaling, p):
     rows = []
     for b, row in enumerate(segments):
         pieces = [
@@ -50,7 +75,7 @@ def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0
         if used < query.size(2):  # padding after the last document: no label, no attention
             pieces.append(query.new_zeros(1, query.size(1), query.size(2) - used, query.size(3)))
         rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
 def register_attention_functions() -> None:
@@ -104,10 +129,24 @@ def flex_block_mask(document_ids: torch.Tensor):
     return create_block_mask(same_document_causal, b, None, t, t, device=document_ids.device)
 
 
+def attention_kwargs(attn_implementation: str) -> dict:
+    """Extra forward keyword arguments every call needs under this backend (flex: kernel options).
+
+    transformers passes them through the model's forward to the attention function.
+    """
+    if attn_implementation == "flex_attention":
+        return {"kernel_options": dict(FLEX_KERNEL_OPTIONS)}
+    return {}
+
+
 def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:
     """Keyword arguments for the model's forward for this batch and backend."""
     if batch.document_ids is None:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            **attention_kwargs(attn_implementation),
+        }
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if attn_implementation == "flash_attention_2":
         return inputs
@@ -116,6 +155,7 @@ def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> 
         return inputs
     if attn_implementation == "flex_attention":
         inputs["attention_mask"] = flex_block_mask(batch.document_ids)
+        inputs.update(attention_kwargs(attn_implementation))
         return inputs
     allowed = block_diagonal_causal(batch.document_ids)
     if attn_implementation == "eager":

@@ -52,6 +52,23 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     return tok
 
 
+def finish_model(
+    model: torch.nn.Module, cfg: ModelConfig, peft: PeftConfig | None, quantized: bool
+) -> torch.nn.Module:
+    """What every built model goes through before training: 4-bit weights kept trainable,
+    gradient checkpointing, no KV cache, adapters (benchmarks/gpu_adapters.py builds its
+    random-init model in memory and finishes it here too)."""
+    if quantized:
+        keep_4bit_weights_trainable(model)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP and with a frozen base under PEFT.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # caches are for generation, not training
+    if peft is not None:
+        model = apply_adapters(model, peft)
+    return model
+
+
 def load_model(
     cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None
 ) -> LoadedModel:
@@ -85,14 +102,7 @@ def load_model(
             )
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
-    if quant is not None:
-        keep_4bit_weights_trainable(model)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with DDP and with a frozen base under PEFT.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # caches are for generation, not training
-    if peft is not None:
-        model = apply_adapters(model, peft)
+    model = finish_model(model, cfg, peft, quantized=quant is not None)
     if not deferred and quant is None:
         model = model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, attn_implementation=attn)

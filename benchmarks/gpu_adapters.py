@@ -1,0 +1,302 @@
+"""LoRA and QLoRA on one GPU: Llama-3.1-8B architecture, random init, packed 2048-token rows.
+
+    python benchmarks/gpu_adapters.py [--methods lora,qlora] [--strategy fsdp|single]
+                                      [--seq-len 2048] [--micro 2] [--warmup-steps 3] [--steps 5]
+    python benchmarks/gpu_adapters.py --tiny       # the same code on CPU with a small config
+
+Prints one JSON object: per method, real tokens/s, MFU, peak memory and model load time.
+
+What runs is ftdist's own code wherever a random-init model allows it: the architecture's
+config (ftdist.model.architectures), the attention backend choice, the bitsandbytes config of
+peft=qlora (NF4, double quantization, bf16 storage: ftdist.model.adapters.quantization_config),
+gradient checkpointing and the LoRA adapters (ftdist.model.loading.finish_model), the strategy
+(strategy=fsdp with a one-process group by default: FSDP2 per decoder block, bf16 compute,
+fp32 reduction), packing and the Trainer's own train_step, whose tokens/s, MFU (ftdist.metrics:
+4N + 2N_trainable FLOPs per token, attention scores and the recomputation of gradient
+checkpointing not counted) and peak memory (torch.cuda.max_memory_allocated) are reported.
+Only the weights are made here instead of read from disk: the model is built directly on the
+GPU in bf16 and initialised there (a CPU init of 8B parameters takes minutes), and for QLoRA
+each linear layer but the head is then quantized on the GPU into a bitsandbytes Linear4bit
+built from the same BitsAndBytesConfig, as transformers does while loading.
+
+Each method runs in its own process (clean memory, and one failure does not hide the other);
+if strategy=fsdp fails, the method is retried with strategy=single and both outcomes reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ARCHITECTURE = "llama-3.1-8b"
+# --tiny: the 8B config's shape rules (GQA, RoPE scaling, untied head) at a CPU-friendly size.
+TINY_OVERRIDES = {
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+}
+RESULT_MARKER = "GPU_ADAPTERS_RESULT "
+
+
+def model_config(tiny: bool):
+    from ftdist.model.architectures import architecture_config
+
+    config = architecture_config(ARCHITECTURE)
+    if tiny:
+        for key, value in TINY_OVERRIDES.items():
+            setattr(config, key, value)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
+def quantize_linears(model: torch.nn.Module, quant, device: torch.device) -> int:
+    """Replace every nn.Linear but the output head by a bitsandbytes Linear4bit holding the same
+    weight, quantized on `device` with the settings of `quant` (a BitsAndBytesConfig)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head]
+    for name in names:
+        old = model.get_submodule(name)
+        new = bnb.nn.Linear4bit(
+            old.in_features, old.out_features, old.bias is not None, quant.bnb_4bit_compute_dtype,
+            compress_statistics=quant.bnb_4bit_use_double_quant, quant_type=quant.bnb_4bit_quant_type,
+            quant_storage=quant.bnb_4bit_quant_storage, device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            old.weight.data, requires_grad=False, compress_statistics=quant.bnb_4bit_use_double_quant,
+            quant_type=quant.bnb_4bit_quant_type, quant_storage=quant.bnb_4bit_quant_storage, module=new,
+        ).to(device)  # quantizes
+        if old.bias is not None:
+            new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+        del old
+    # What transformers sets on a model it loaded in 4 bits; peft reads it to wrap Linear4bit.
+    model.is_loaded_in_4bit = True
+    return len(names)
+
+
+def build_model(cfg, device: torch.device, tiny: bool):
+    """The random-init model on `device`, quantized for qlora, finished by ftdist (adapters...)."""
+    from transformers import AutoModelForCausalLM
+
+    from ftdist.model.adapters import quantization_config
+    from ftdist.model.attention import resolve_attn_implementation
+    from ftdist.model.loading import DTYPES, finish_model
+
+    dtype = DTYPES[cfg.model.dtype]
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device)
+    config = model_config(tiny)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    quant = quantization_config(cfg.peft, dtype)
+    quantized = 0
+    if quant is not None:
+        quantized = quantize_linears(model, quant, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model = finish_model(model, cfg.model, cfg.peft, quantized=quant is not None)
+    return model, quantized
+
+
+def synthetic_examples(rows: int, seq_len: int, vocab: int, seed: int = 0) -> list:
+    """Documents of 128..seq_len tokens (about two per packed row), a fifth of each a prompt."""
+    from ftdist.data.prepare import Example
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out, total = [], 0
+    while total < rows * seq_len * 1.3:  # enough for `rows` nearly full packed rows
+        n = rng.randint(128, seq_len)
+        ids = torch.randint(10, vocab, (n,), generator=g).tolist()
+        prompt = n // 5
+        out.append(Example(ids, [-100] * prompt + ids[prompt:]))
+        total += n
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(args) -> dict:
+    """One method under one strategy, in this process; returns its result record."""
+    from ftdist.config import DataConfig, FtdistConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig
+    from ftdist.parallel import build_strategy
+    from ftdist.trainer import Trainer
+
+    t_start = time.perf_counter()
+    cfg = FtdistConfig(
+        model=ModelConfig(
+            architecture=ARCHITECTURE, dtype="bf16", attn_implementation=args.attn, gradient_checkpointing=True
+        ),
+        data=DataConfig(path="synthetic:random-tokens", max_seq_len=args.seq_len, packing=True, val_fraction=0.0),
+        peft=PeftConfig(method=args.child),
+        strategy=StrategyConfig(name=args.strategy),
+        train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, warmup_steps=0, progress_bar=False, max_steps=10**6),
+        output_dir=tempfile.mkdtemp(prefix="ftdist_gpu_adapters_"),
+    )
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg.strategy)
+    try:
+        device = strategy.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        model, quantized = build_model(cfg, device, args.tiny)
+        sync(device)
+        build_s = time.perf_counter() - t0
+        mem_after_build = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        total_params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        steps = args.warmup_steps + args.steps
+        examples = synthetic_examples(steps * args.micro + args.micro, args.seq_len, model.config.vocab_size)
+        tokenizer = SimpleNamespace(pad_token_id=0)  # collation needs nothing else
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, strategy, model, tokenizer, examples, [], Path(cfg.output_dir))
+        sync(device)
+        prepare_s = time.perf_counter() - t0
+        load_peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        records = []
+        for i in range(steps):
+            sync(device)
+            t0 = time.perf_counter()
+            record = trainer.train_step()
+            sync(device)
+            record["wall_s"] = time.perf_counter() - t0
+            records.append(record)
+            print(
+                f"[{args.child}/{args.strategy}] step {i + 1}/{steps}{' (warm-up)' if i < args.warmup_steps else ''}: "
+                f"loss {record['loss']:.4f}, {record['tokens']} tokens in {record['wall_s']:.3f} s",
+                file=sys.stderr, flush=True,
+            )
+        timed = records[args.warmup_steps :]
+        tokens = sum(r["tokens"] for r in timed)
+        seconds = sum(r["wall_s"] for r in timed)
+        tokens_per_s = tokens / seconds
+        return {
+            "method": args.child,
+            "strategy": args.strategy,
+            "world_size": strategy.world_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "architecture": ARCHITECTURE + (" (tiny overrides)" if args.tiny else ""),
+            "params_total_stored": total_params,
+            "params_trainable": trainable,
+            "linear_layers_4bit": quantized,
+            "seq_len": args.seq_len,
+            "micro_batch_rows": args.micro,
+            "attn_implementation": trainer.attn_implementation,
+            "bf16": trainer.bf16,
+            "gradient_checkpointing": True,
+            "warmup_steps": args.warmup_steps,
+            "timed_steps": len(timed),
+            "tokens_timed": int(tokens),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "flops_per_token": trainer.flops_per_token,
+            "peak_flops_used": trainer.peak_flops,
+            "mfu": round(trainer.flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
+            "step_s": [round(r["wall_s"], 3) for r in timed],
+            "loss_first_last": [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)],
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
+            else round(records[-1]["peak_mem_gb"], 2),
+            "load_peak_mem_gb": None if load_peak is None else round(load_peak, 2),
+            "mem_after_build_gb": None if mem_after_build is None else round(mem_after_build, 2),
+            "model_load_s": round(build_s, 2),
+            "strategy_prepare_s": round(prepare_s, 2),
+            "process_s": round(time.perf_counter() - t_start, 1),
+        }
+    finally:
+        strategy.shutdown()
+
+
+def child_main(args) -> None:
+    try:
+        result = run_one(args)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which carries on
+        traceback.print_exc()
+        result = {"method": args.child, "strategy": args.strategy, "error": f"{type(e).__name__}: {e}"[:2000]}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+def run_child(method: str, strategy: str, args, timeout: float) -> dict:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--child", method, "--strategy", strategy,
+        "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--warmup-steps", str(args.warmup_steps),
+        "--steps", str(args.steps), "--attn", args.attn, *(["--tiny"] if args.tiny else []),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "strategy": strategy, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if not lines:
+        return {
+            "method": method, "strategy": strategy,
+            "error": f"exit {proc.returncode} without a result after {time.perf_counter() - t0:.0f} s "
+            f"(stdout tail: {proc.stdout[-500:]!r})",
+        }
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--strategy", default="fsdp", choices=["fsdp", "single"])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch (one per step)")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--attn", default="sdpa", help="model.attn_implementation (sdpa: per-document sdpa)")
+    parser.add_argument("--tiny", action="store_true", help="a small config (CPU test of the same code)")
+    parser.add_argument("--budget-s", type=float, default=200, help="wall-clock budget for all methods")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("gpu_adapters.py needs a CUDA device (or --tiny to test the code on CPU)")
+    deadline = time.perf_counter() + args.budget_s
+    methods = [m for m in args.methods.split(",") if m]
+    runs = []
+    for i, method in enumerate(methods):
+        left = deadline - time.perf_counter()
+        share = left / (len(methods) - i)  # what is left, split over the methods still to run
+        result = run_child(method, args.strategy, args, timeout=max(share, 30))
+        runs.append(result)
+        print(RESULT_MARKER + json.dumps(result), file=sys.stderr, flush=True)  # kept even if this process is killed
+        if "error" in result and args.strategy != "single":
+            left = deadline - time.perf_counter()
+            if left > 45 * (len(methods) - i):
+                runs.append(run_child(method, "single", args, timeout=left / (len(methods) - i)))
+                print(RESULT_MARKER + json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    out = {
+        "benchmark": "gpu_adapters",
+        "torch": torch.__version__,
+        "peak_flops_note": "MFU against ftdist.metrics.GPU_PEAK_FLOPS (dense bf16, no sparsity): H200/H100 989e12",
+        "runs": runs,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, from the repo root, finishing within TOTAL_S (default 470 s):
+#   1. install the wheels the GPU machine lacks (.whl/: hydra-core, omegaconf, antlr4, bitsandbytes)
+#   2. versions: nvidia-smi, python, torch, transformers, peft, triton, bitsandbytes (+ a 4-bit smoke test)
+#   3. the CUDA tests: FTDIST_TEST_GPU=1 pytest -m gpu tests/gpu
+#   4. benchmarks/packing.py on the GPU, sdpa then flex_attention (bucketed padded baseline, warmed shapes)
+#   5. benchmarks/gpu_adapters.py: Llama-3.1-8B LoRA and QLoRA on one GPU
+# Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (6 files):
+# gpu_checks.log (everything), env.txt, pytest.log, packing_sdpa.json, packing_flex.json,
+# gpu_adapters.json. Needs .whl/ and .data/ (the packing mix) carried into the repo root.
+#
+#   bash benchmarks/gpu_checks.sh
+
+set -u
+OUT=${OUT:-/tmp/ftdist_gpu_out}
+TOTAL_S=${TOTAL_S:-470}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_checks.log") 2>&1
+TEE_PID=$!
+START=$SECONDS
+
+export PYTHONUNBUFFERED=1
+export FTDIST_CACHE=${FTDIST_CACHE:-/tmp/ftdist_cache}
+export FTDIST_DATASETS=${FTDIST_DATASETS:-$PWD/.data}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
+export TOKENIZERS_PARALLELISM=false
+
+# seconds for a step: its planned share, less if the run is late, always leaving `reserve` s
+# for the steps after it (at least 10 s)
+budget() {
+    local planned=$1 reserve=$2
+    local left=$((TOTAL_S - (SECONDS - START) - reserve))
+    ((left < planned)) && planned=$left
+    ((planned < 10)) && planned=10
+    echo "$planned"
+}
+
+step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
+
+step "install wheels into /tmp/site"
+wheels=()
+for pattern in hydra_core omegaconf antlr4_python3_runtime bitsandbytes; do
+    for w in .whl/${pattern}-*.whl; do [[ -e $w ]] && wheels+=("$w"); done
+done
+echo "${wheels[@]}"
+timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${wheels[@]}" || echo "pip install FAILED (rc $?)"
+export PYTHONPATH=/tmp/site:$PWD
+
+step "environment"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+    python3 --version
+    timeout 60 python3 - <<'EOF'
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+for name in ("transformers", "peft", "accelerate", "triton", "hydra", "omegaconf", "bitsandbytes"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"), mod.__file__)
+    except Exception as e:  # noqa: BLE001
+        print(name, "IMPORT FAILED:", type(e).__name__, e)
+try:
+    import ftdist.train  # hydra, omegaconf, and the conf/ directory beside the package
+
+    print("ftdist.train imports from", ftdist.train.__file__, "conf", ftdist.train.CONF_DIR)
+    import bitsandbytes as bnb
+
+    print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    q, state = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16)
+    err = (bnb.functional.dequantize_4bit(q, state) - w).abs().mean().item()
+    print(f"bnb nf4 round trip on cuda: mean abs error {err:.4f} (about 0.07 expected)")
+except Exception as e:  # noqa: BLE001
+    print("CHECK FAILED:", type(e).__name__, e)
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+step "pytest -m gpu tests/gpu"
+t=$(budget 120 330)
+FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest.log"
+echo "pytest: rc ${PIPESTATUS[0]} (timeout ${t} s)"
+
+step "packing benchmark, sdpa"
+t=$(budget 60 270)
+timeout -k 5 "$t" python3 benchmarks/packing.py --steps 12 --attn sdpa --pad-to bucket --bucket 256 \
+    > "$OUT/packing_sdpa.json"
+echo "packing sdpa: rc $? (timeout ${t} s)"
+
+step "packing benchmark, flex_attention"
+t=$(budget 100 170)
+timeout -k 5 "$t" python3 benchmarks/packing.py --steps 12 --attn flex_attention --pad-to bucket --bucket 256 \
+    > "$OUT/packing_flex.json"
+echo "packing flex: rc $? (timeout ${t} s)"
+
+step "LoRA / QLoRA on Llama-3.1-8B"
+t=$(budget 200 0)
+timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --budget-s $((t - 10)) > "$OUT/gpu_adapters.json"
+echo "gpu_adapters: rc $? (timeout ${t} s)"
+
+step "summary"
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+keep_packing = ("device", "attn_implementation", "pad_to", "distinct_shapes", "warmup_s", "dynamo_unique_graphs",
+                "padded_tokens_per_s", "packed_tokens_per_s", "padded_slot_efficiency", "packed_slot_efficiency",
+                "throughput_ratio_packed_over_padded", "step_s")
+keep_adapters = ("method", "strategy", "tokens_per_s", "mfu", "peak_flops_used", "peak_mem_gb", "load_peak_mem_gb",
+                 "model_load_s", "strategy_prepare_s", "step_s", "loss_first_last", "error")
+for name in ("packing_sdpa.json", "packing_flex.json", "gpu_adapters.json"):
+    path = out / name
+    try:
+        data = json.loads(path.read_text())
+    except Exception as e:  # noqa: BLE001
+        print(name, "-> no result:", type(e).__name__, str(e)[:200])
+        continue
+    if "runs" in data:
+        for run in data["runs"]:
+            print(name, json.dumps({k: run[k] for k in keep_adapters if k in run}))
+    else:
+        print(name, json.dumps({k: data[k] for k in keep_packing if k in data}))
+EOF
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+echo "total: $((SECONDS - START)) s"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null || sleep 1  # the log is complete before the machine collects $OUT
