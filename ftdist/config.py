@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,35 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How `python -m ftdist.slurm` renders and submits the sbatch job (see slurm/)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU job (no --gpus-per-node)
+    # torchrun processes per node; null: gpus_per_node, or 1 on a CPU job
+    procs_per_node: int | None = None
+    cpus_per_task: int | None = None  # CPUs for each node's one task (torchrun and its workers)
+    mem: str | None = None  # per node, e.g. 200G; null: the partition's default
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"  # Slurm's formats: MM, HH:MM:SS, D-HH, D-HH:MM:SS
+    job_name: str | None = None  # default: experiment_name
+    # Slurm sends USR1 to the batch script this many seconds before the time limit; the run
+    # checkpoints at its next step and the job is requeued (needs a step shorter than this).
+    signal_seconds: int = 300
+    requeue: bool = True
+    max_restarts: int = 0  # torchrun restarts of failed workers inside one allocation
+    port: int | None = None  # rendezvous port on the first node; null: derived from the job id
+    python: str | None = None  # interpreter on the nodes; null: the one running ftdist.slurm
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load, venv)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the job
+    sbatch_args: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
+    array_parallelism: int | None = None  # sweeps: at most this many array tasks at once
+    dry_run: bool = False  # print the script; write and submit nothing
+
+
+@dataclass
 class FtdistConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +217,7 @@ class FtdistConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # auto: continue from the newest complete checkpoint in output_dir/checkpoints (a fresh
     # start if there is none) | none: always start fresh | PATH: that checkpoint directory.
     resume: str = "auto"
@@ -205,6 +236,7 @@ GROUP_SCHEMAS = {
     "peft": PeftConfig,
     "train": TrainConfig,
     "tracking": TrackingConfig,
+    "slurm": SlurmConfig,
 }
 
 
@@ -250,6 +282,7 @@ POSITIVE = (
     "strategy.preflight_timeout_s",
     "peft.r",
     "checkpoint.keep",
+    "slurm.nodes",
 )
 
 
@@ -306,6 +339,7 @@ def validate(cfg: FtdistConfig) -> None:
     if cfg.eval.exact_match_samples < 0:
         raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
     validate_parallel(cfg)
+    validate_slurm(cfg)
 
 
 def _installed(module: str) -> bool:
@@ -336,6 +370,27 @@ def validate_parallel(cfg: FtdistConfig) -> None:
         raise ConfigError(f"peft.alpha must be > 0 and peft.dropout in [0, 1) (got {p.alpha}, {p.dropout})")
     if p.method != "none" and not p.target_modules:
         raise ConfigError("peft.target_modules is empty: name modules to adapt, or all-linear")
+
+
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
+
+
+def validate_slurm(cfg: FtdistConfig) -> None:
+    sl = cfg.slurm
+    if sl.gpus_per_node < 0:
+        raise ConfigError(f"slurm.gpus_per_node must be >= 0 (got {sl.gpus_per_node})")
+    for key in ("procs_per_node", "cpus_per_task", "array_parallelism", "port"):
+        value = getattr(sl, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"slurm.{key} must be > 0 or null (got {value})")
+    if sl.signal_seconds < 0 or sl.max_restarts < 0:
+        raise ConfigError("slurm.signal_seconds and slurm.max_restarts must be >= 0")
+    if not SLURM_TIME.match(sl.time):
+        raise ConfigError(f"slurm.time={sl.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH or D-HH:MM:SS)")
+
+
+def slurm_procs_per_node(sl: SlurmConfig) -> int:
+    return sl.procs_per_node or max(sl.gpus_per_node, 1)
 
 
 # --- command-line pre-check -------------------------------------------------------------------
