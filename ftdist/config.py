@@ -245,6 +245,24 @@ def register_schemas() -> None:
     cs.store(name="ftdist_schema", node=FtdistConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
+    # Used by conf/hydra/launcher/slurm.yaml to map slurm.* onto submitit's fields.
+    OmegaConf.register_new_resolver("ftdist_minutes", slurm_time_minutes, replace=True)
+    OmegaConf.register_new_resolver("ftdist_gpus", lambda gpus: int(gpus) or None, replace=True)
+
+
+def slurm_time_minutes(time: str) -> int:
+    """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
+    days, _, rest = str(time).rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        h, m, sec = parts
+        h += 24 * int(days)
+    elif len(parts) == 3:
+        h, m, sec = parts
+    else:  # MM or MM:SS
+        h, (m, sec) = 0, (parts + [0])[:2]
+    return h * 60 + m + (1 if sec else 0)
 
 
 # --- validation -------------------------------------------------------------------------------

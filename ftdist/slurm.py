@@ -167,5 +167,57 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+# --- hydra/launcher=slurm: inside each job that hydra-submitit-launcher submits ---------------
+
+
+def in_submitit_job() -> bool:
+    """True in the process hydra-submitit-launcher runs inside a Slurm job (not yet a torchrun worker)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    return "submitit" in launcher and "SLURM_JOB_ID" in os.environ and "LOCAL_RANK" not in os.environ
+
+
+def run_torchrun_in_job(dcfg) -> None:
+    """Start this node's torchrun for the sweep run Hydra gave this job, and wait for it.
+
+    Same launch as the sbatch templates: c10d rendezvous on the job's first node, one torchrun
+    per node, workers per node from slurm.procs_per_node (or the GPUs).
+    """
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = load_config(dcfg)
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    procs = slurm_procs_per_node(cfg.slurm)
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    if cfg.strategy.name == "single" and procs * nodes > 1:
+        overrides.append("strategy=ddp")  # as in ftdist.slurm: one process cannot use the job
+    job_id = int(os.environ["SLURM_JOB_ID"])
+    nodelist = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                              capture_output=True, text=True, check=True).stdout.split()
+    port = cfg.slurm.port or 20000 + job_id % 20000
+    run_dir = hc.runtime.output_dir
+    cmd = [
+        cfg.slurm.python or sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(nodes), "--nproc_per_node", str(procs),
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodelist[0]}:{port}", "--rdzv_id", str(job_id),
+        "--max_restarts", str(cfg.slurm.max_restarts),
+        "-m", "ftdist.train", *[o for o in overrides if _key(o) != "output_dir"], f"output_dir={run_dir}",
+    ]
+    print(f"ftdist: job {job_id}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise RuntimeError(f"torchrun exited with {rc} in job {job_id}; see {run_dir}/train.log")
+
+
+def cli() -> None:
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

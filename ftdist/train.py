@@ -123,7 +123,11 @@ def report_summary(summary: dict) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from ftdist.data.prepare import DataError
+    from ftdist.slurm import in_submitit_job, run_torchrun_in_job
 
+    if in_submitit_job():  # hydra/launcher=slurm: this process only starts the node's torchrun
+        run_torchrun_in_job(dcfg)
+        return
     try:
         run(dcfg)
     except Preempted as e:

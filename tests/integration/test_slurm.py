@@ -116,3 +116,33 @@ def test_sbatch_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(slur
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
     assert "world size 2" in (plain / "train.log").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_hydra_sweep_through_the_submitit_launcher_runs_each_run_as_a_slurm_job(slurm, tmp_path):
+    common = [*FAST, "strategy=ddp", "slurm.procs_per_node=2", "slurm.time=10", "train.max_steps=6"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftdist.train", "-m", "hydra/launcher=slurm", *common, "train.lr=1e-3,3e-3",
+         f"output_dir={sweep}"],
+        cwd=REPO, env={**run_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    job_logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(job_logs) == 2, job_logs  # two Slurm jobs, one per run
+    runs = [read_metrics(sweep / str(i))[0] for i in (0, 1)]
+    for i in (0, 1):
+        assert "world size 2" in (sweep / str(i) / "train.log").read_text()
+        assert [r["step"] for r in runs[i]] == list(range(1, 7))
+    assert "lr: 0.003" in (sweep / "1" / "config.yaml").read_text()
+
+    # Run 0 is exactly a local 2-process run with its learning rate; run 1 starts from the same
+    # loss (same model and batch) and then moves differently.
+    local = tmp_path / "local"
+    from helpers import run_train
+
+    run_train([*common, "train.lr=1e-3", f"output_dir={local}"], nproc=2)
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in read_metrics(local)[0]]
+    assert runs[1][0]["loss"] == runs[0][0]["loss"] and runs[1][-1]["loss"] != runs[0][-1]["loss"]
