@@ -120,8 +120,13 @@ def test_sbatch_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(slur
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_hydra_sweep_through_the_submitit_launcher_runs_each_run_as_a_slurm_job(slurm, tmp_path):
+def test_sweeps_as_an_array_job_and_through_the_submitit_launcher_give_the_runs_of_local_training(slurm, tmp_path):
     common = [*FAST, "strategy=ddp", "slurm.procs_per_node=2", "slurm.time=10", "train.max_steps=6"]
+    # 1. python -m ftdist.slurm -m: one array job, task i trains combination i into array/i.
+    array = tmp_path / "array"
+    array_job = submit(slurm, ["-m", *common, "train.lr=1e-3,3e-3", f"output_dir={array}"])
+
+    # 2. hydra/launcher=slurm: hydra-submitit-launcher submits each run as a Slurm job (blocks).
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "ftdist.train", "-m", "hydra/launcher=slurm", *common, "train.lr=1e-3,3e-3",
@@ -130,19 +135,24 @@ def test_hydra_sweep_through_the_submitit_launcher_runs_each_run_as_a_slurm_job(
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    job_logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
-    assert len(job_logs) == 2, job_logs  # two Slurm jobs, one per run
-    runs = [read_metrics(sweep / str(i))[0] for i in (0, 1)]
-    for i in (0, 1):
-        assert "world size 2" in (sweep / str(i) / "train.log").read_text()
-        assert [r["step"] for r in runs[i]] == list(range(1, 7))
-    assert "lr: 0.003" in (sweep / "1" / "config.yaml").read_text()
+    assert len(sorted((sweep / ".submitit").glob("*/*_log.out"))) == 2  # two Slurm jobs, one per run
+    for task in (0, 1):
+        info = slurm.wait_job(f"{array_job}_{task}")
+        assert info["JobState"] == "COMPLETED", (array / f"slurm-{array_job}_{task}.out").read_text()[-3000:]
 
-    # Run 0 is exactly a local 2-process run with its learning rate; run 1 starts from the same
-    # loss (same model and batch) and then moves differently.
-    local = tmp_path / "local"
+    # 3. The reference: local 2-process runs, no Slurm.
     from helpers import run_train
 
-    run_train([*common, "train.lr=1e-3", f"output_dir={local}"], nproc=2)
-    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in read_metrics(local)[0]]
-    assert runs[1][0]["loss"] == runs[0][0]["loss"] and runs[1][-1]["loss"] != runs[0][-1]["loss"]
+    for lr, name in (("1e-3", "local0"), ("3e-3", "local1")):
+        run_train([*common, f"train.lr={lr}", f"output_dir={tmp_path / name}"], nproc=2)
+
+    for i in (0, 1):
+        expected = [r["loss"] for r in read_metrics(tmp_path / f"local{i}")[0]]
+        assert len(expected) == 6
+        for root in (array, sweep):
+            assert "world size 2" in (root / str(i) / "train.log").read_text()
+            assert [r["loss"] for r in read_metrics(root / str(i))[0]] == expected, (root, i)
+    assert "lr: 0.003" in (array / "1" / "config.yaml").read_text()
+    # The two learning rates start from the same loss and then move differently.
+    losses = [[r["loss"] for r in read_metrics(array / str(i))[0]] for i in (0, 1)]
+    assert losses[0][0] == losses[1][0] and losses[0][-1] != losses[1][-1]
