@@ -208,6 +208,26 @@ class SlurmConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The hardware `python -m ftdist.plan` sizes a run for (training reads WORLD_SIZE instead)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0  # usable memory of one GPU, GB (10^9 bytes)
+    gpu: str = "h100"  # peak FLOP/s from ftdist.metrics.GPU_PEAK_FLOPS (h100, h200, a100, l40s, ...)
+    cpu_mem_gb: float = 1024.0  # host memory per node, GB: the bound on offloaded state
+
+
+@dataclass
+class PlanConfig:
+    """Options of `python -m ftdist.plan` (see ftdist/plan.py)."""
+
+    json: bool = False  # print one JSON object instead of the report
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the step-time estimate
+    workspace_gb: float = 2.0  # CUDA context, cuBLAS/NCCL workspaces and allocator slack per GPU
+
+
+@dataclass
 class FtdistConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +238,8 @@ class FtdistConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # auto: continue from the newest complete checkpoint in output_dir/checkpoints (a fresh
     # start if there is none) | none: always start fresh | PATH: that checkpoint directory.
     resume: str = "auto"
@@ -301,6 +323,10 @@ POSITIVE = (
     "peft.r",
     "checkpoint.keep",
     "slurm.nodes",
+    "cluster.nodes",
+    "cluster.gpus_per_node",
+    "cluster.gpu_mem_gb",
+    "cluster.cpu_mem_gb",
 )
 
 
@@ -358,6 +384,7 @@ def validate(cfg: FtdistConfig) -> None:
         raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
     validate_parallel(cfg)
     validate_slurm(cfg)
+    validate_plan(cfg)
 
 
 def _installed(module: str) -> bool:
@@ -405,6 +432,18 @@ def validate_slurm(cfg: FtdistConfig) -> None:
         raise ConfigError("slurm.signal_seconds and slurm.max_restarts must be >= 0")
     if not SLURM_TIME.match(sl.time):
         raise ConfigError(f"slurm.time={sl.time!r} is not a Slurm time (MM, HH:MM:SS, D-HH or D-HH:MM:SS)")
+
+
+def validate_plan(cfg: FtdistConfig) -> None:
+    if not 0.0 < cfg.plan.mfu <= 1.0:
+        raise ConfigError(f"plan.mfu must be in (0, 1] (got {cfg.plan.mfu})")
+    if cfg.plan.workspace_gb < 0:
+        raise ConfigError(f"plan.workspace_gb must be >= 0 (got {cfg.plan.workspace_gb})")
+    from ftdist.metrics import GPU_PEAK_FLOPS
+
+    if cfg.cluster.gpu.upper() not in GPU_PEAK_FLOPS:
+        known = ", ".join(sorted(k.lower() for k in GPU_PEAK_FLOPS))
+        raise ConfigError(f"cluster.gpu={cfg.cluster.gpu!r} is not a known GPU; known: {known}")
 
 
 def slurm_procs_per_node(sl: SlurmConfig) -> int:

@@ -287,7 +287,7 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     lines.append(
         f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
         "train.mixed_precision=none; not counted: CUDA context and kernels (~1 GiB), allocator fragmentation, "
-        "communication buffers"
+        "communication buffers (python -m ftdist.plan counts them, and says whether a cluster fits)"
     )
     report = "\n".join(lines)
     if os.environ.get("RANK", "0") == "0":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -82,10 +84,54 @@ def matmul_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 
 def train_flops_per_token(model: torch.nn.Module) -> float:
-    """Forward 2N, backward 2N for activation gradients plus 2N for weight gradients of the
-    parameters that train: 6N for full fine-tuning, about 4N under LoRA. The attention-score
-    term is left out."""
+    """Matmul FLOPs per token of a training step. Forward 2N; backward 2N for activation
+    gradients (every layer, frozen or not, passes them on) plus 2N for weight gradients of what
+    trains: 6N for full fine-tuning, 4 N_frozen + 6 N_adapter under LoRA, QLoRA and DoRA."""
     return 4.0 * matmul_params(model) + 2.0 * matmul_params(model, trainable_only=True)
+
+
+def attention_flops_per_pair(config) -> float:
+    """Training FLOPs per (query, key) pair that causal attention computes, over all layers.
+
+    Per layer and pair: QK^T and AV are each a dot product of width heads x head_dim (2 FLOPs
+    per multiply-add); the backward pass costs twice the forward (dQ, dK from the scores, dP,
+    dV from AV): 3 x 2 x 2 x heads x head_dim. Grouped-query attention shares K and V across
+    heads but still scores every query head, so the query heads count.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 12.0 * text.num_hidden_layers * text.num_attention_heads * head_dim
+
+
+def causal_pairs(length: int) -> int:
+    """(query, key) pairs under a causal mask: token i attends to itself and the i - 1 before."""
+    return length * (length + 1) // 2
+
+
+@dataclass(frozen=True)
+class TrainFlops:
+    """FLOPs of a training step, from the real length of every document in it.
+
+    Packed documents attend only within themselves and padding does no useful work, so the
+    attention term is a sum over documents, not over rows or padded slots. Activation
+    checkpointing's recomputed forward is not counted (model FLOPs, not hardware FLOPs).
+    """
+
+    per_token: float  # matmul FLOPs per real token
+    per_attention_pair: float  # attention FLOPs per causal (query, key) pair
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> TrainFlops:
+        return cls(train_flops_per_token(model), attention_flops_per_pair(model.config))
+
+    def step(self, document_lengths: Iterable[int]) -> float:
+        lengths = [int(n) for n in document_lengths]
+        return self.per_token * sum(lengths) + self.per_attention_pair * sum(causal_pairs(n) for n in lengths)
+
+
+def mfu(flops: float, seconds: float, world_size: int, peak_flops_per_device: float) -> float:
+    """Model FLOPs utilisation: the global step's FLOPs over what the devices could do in `seconds`."""
+    return flops / (seconds * world_size * peak_flops_per_device)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -130,6 +131,8 @@ def main(dcfg: DictConfig) -> None:
         return
     try:
         run(dcfg)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            exit_now(0)
     except Preempted as e:
         print(f"ftdist: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
@@ -146,6 +149,20 @@ def main(dcfg: DictConfig) -> None:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # nothing ran: leave no empty run directory behind
         sys.exit(EXIT_BAD_INPUT)
+
+
+def exit_now(code: int) -> None:
+    """Leave a finished multi-process run without interpreter teardown.
+
+    Everything is written and the process group destroyed by then, but torch's C++ objects
+    still referenced from Python (device meshes, gloo pairs) are destroyed in arbitrary order
+    at interpreter exit, and under load one rank sometimes aborted there ("terminate called
+    without an active exception", exit -6) after a complete run; torchrun then reports failure.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cli() -> None:

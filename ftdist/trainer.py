@@ -27,7 +27,7 @@ from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
-from ftdist.metrics import device_peak_flops, logical_ndim, peak_memory_gb, train_flops_per_token
+from ftdist.metrics import TrainFlops, device_peak_flops, logical_ndim, mfu, peak_memory_gb
 from ftdist.model.attention import model_inputs
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
@@ -107,7 +107,8 @@ class Trainer:
         )
         self.attn_implementation = getattr(model.config, "_attn_implementation", "sdpa")
         self.model_dtype = next(model.parameters()).dtype
-        self.flops_per_token = train_flops_per_token(model)
+        self.flops = TrainFlops.of(model)
+        self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
         self.peak_flops = device_peak_flops(self.device)
         self.bf16 = use_bf16(cfg, self.device)
         self.model, self.optimizer, self.scheduler = strategy.prepare(
@@ -151,12 +152,13 @@ class Trainer:
     def forward_backward(self, batches: list[Batch]) -> dict:
         """Accumulate this rank's gradients for one global batch; returns global totals."""
         strategy = self.strategy
-        label_tokens, tokens, slots, documents = strategy.all_reduce_sum(
+        label_tokens, tokens, slots, documents, flops = strategy.all_reduce_sum(
             [
                 sum(b.num_label_tokens for b in batches),
                 sum(b.num_tokens for b in batches),
                 sum(b.slots for b in batches),
                 sum(b.num_documents for b in batches),
+                sum(self.flops.step(b.document_lengths) for b in batches),
             ]
         )
         # A global batch with no label token contributes no gradient; avoid dividing by zero.
@@ -179,6 +181,7 @@ class Trainer:
             "tokens": tokens,
             "slots": slots,
             "documents": documents,
+            "flops": flops,
         }
 
     def step_batches(self, step: int) -> list[Batch]:
@@ -217,7 +220,6 @@ class Trainer:
         self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)
         dt = time.perf_counter() - t0
-        achieved = self.flops_per_token * tokens / dt / self.strategy.world_size
         return {
             "step": self.step,
             "loss": totals["loss_sum"] / max(label_tokens, 1.0),
@@ -229,7 +231,7 @@ class Trainer:
             "documents": int(totals["documents"]),
             "packing_efficiency": tokens / max(totals["slots"], 1.0),
             "tokens_per_s": tokens / dt,
-            "mfu": achieved / self.peak_flops,
+            "mfu": mfu(totals["flops"], dt, self.strategy.world_size, self.peak_flops),
             "peak_mem_gb": peak_memory_gb(self.device),
             "epoch": self.sampler.epoch_at(self.step),
             "skipped_steps": self.skipped_steps,
@@ -289,6 +291,7 @@ class Trainer:
             self.total_steps, self.global_batch_size, self.strategy.world_size, cfg.train.grad_accum_steps,
             cfg.train.micro_batch_size, len(self.train_examples), len(self.val_examples),
         )
+        log.info("mfu: FLOPs per step over %.4g FLOP/s per device (%s)", self.peak_flops, self.device.type)
         if has_val and cfg.train.eval_at_start and self.step == 0:
             self._log_eval(self.evaluate(with_generation=True))
         self.preemption.install()

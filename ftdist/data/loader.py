@@ -88,6 +88,13 @@ class Batch:
         )
 
     @property
+    def document_lengths(self) -> list[int]:
+        """Real tokens of each document: packed segments, else each row's unpadded length."""
+        if self.segments is not None:
+            return [n for row in self.segments for _, n in row]
+        return self.attention_mask.sum(dim=1).tolist()
+
+    @property
     def slots(self) -> int:
         """Token positions computed, padding included (the denominator of packing efficiency)."""
         return self.input_ids.numel()

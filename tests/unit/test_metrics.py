@@ -1,4 +1,5 @@
-"""FLOPs per token against a count made from the model's own layer shapes."""
+"""FLOPs, MFU: against counts made by hand from the tiny model's known dimensions, and against
+a count made from the model's own layer shapes."""
 
 from __future__ import annotations
 
@@ -6,8 +7,87 @@ import pytest
 import torch
 
 from ftdist.config import ModelConfig, PeftConfig, TinyModelSpec
-from ftdist.metrics import train_flops_per_token
+from ftdist.data.loader import collate
+from ftdist.data.packing import collate_packed
+from ftdist.data.prepare import Example
+from ftdist.metrics import TrainFlops, mfu, train_flops_per_token
 from ftdist.model.loading import load_model
+
+# The tiny Llama (TinyModelSpec defaults): width 128, 4 layers, 4 query heads and 2 KV heads of
+# 32, MLP 384, output head tied to the 922-token embedding table.
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP = 128, 4, 4, 2, 32, 384
+LAYER_LINEARS = [  # (in, out) of every linear in a decoder layer
+    (HIDDEN, HEADS * HEAD_DIM),  # q_proj
+    (HIDDEN, KV_HEADS * HEAD_DIM),  # k_proj
+    (HIDDEN, KV_HEADS * HEAD_DIM),  # v_proj
+    (HEADS * HEAD_DIM, HIDDEN),  # o_proj
+    (HIDDEN, MLP),  # gate_proj
+    (HIDDEN, MLP),  # up_proj
+    (MLP, HIDDEN),  # down_proj
+]
+# Packed rows of documents; the padded layout puts each document in its own row.
+ROWS = [[5, 3], [7], [2, 4, 1]]
+LENGTHS = [n for row in ROWS for n in row]
+
+
+def tiny_model(peft: PeftConfig | None = None):
+    model = load_model(ModelConfig(tiny=TinyModelSpec()), torch.device("cpu"), peft).model
+    assert model.config.tie_word_embeddings
+    return model
+
+
+def hand_matmul_params(vocab: int) -> int:
+    # The embedding lookup does no matmul; the tied head (vocab x hidden) does, once.
+    return LAYERS * sum(i * o for i, o in LAYER_LINEARS) + vocab * HIDDEN
+
+
+def hand_attention_flops(lengths: list[int]) -> int:
+    """Per layer and document of L tokens, forward: token i scores i keys (itself included),
+    L(L+1)/2 pairs; QK^T and AV each cost 2 x heads x head_dim FLOPs a pair. Backward: twice
+    the forward."""
+    forward = sum(LAYERS * 2 * 2 * HEADS * HEAD_DIM * n * (n + 1) // 2 for n in lengths)
+    return 3 * forward
+
+
+def documents(lengths: list[int]) -> list[Example]:
+    return [Example(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in lengths]
+
+
+def step_flops(model, layout: str) -> float:
+    flops = TrainFlops.of(model)
+    if layout == "packed":
+        batch = collate_packed([documents(row) for row in ROWS], pad_token_id=0)
+        assert batch.input_ids.shape == (3, 8)
+    else:
+        batch = collate(documents(LENGTHS), pad_token_id=0)
+        assert batch.input_ids.shape == (6, 7)  # padding is not work: only real tokens count
+    assert sorted(batch.document_lengths) == sorted(LENGTHS)
+    return flops.step(batch.document_lengths)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_full_fine_tuning_step_flops_by_hand(tiny_model_dir, layout):
+    model = tiny_model()
+    n = hand_matmul_params(model.config.vocab_size)
+    expected = 6 * n * sum(LENGTHS) + hand_attention_flops(LENGTHS)
+    assert step_flops(model, layout) == expected
+    if model.config.vocab_size == 922:  # the arithmetic spelled out once
+        assert n == 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384) + 922 * 128 == 904_448
+    assert hand_attention_flops(LENGTHS) == 3 * 4 * 2 * 2 * 128 * (15 + 6 + 28 + 3 + 10 + 1)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_adapter_step_flops_by_hand(tiny_model_dir, method, layout):
+    """4 N_frozen + 6 N_adapter: frozen weights pass activation gradients back but get none."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    r = 4
+    model = tiny_model(PeftConfig(method=method, r=r))
+    frozen = hand_matmul_params(model.config.vocab_size)  # all-linear adapts all but the head
+    adapter = LAYERS * sum(r * (i + o) for i, o in LAYER_LINEARS)  # A: in x r, B: r x out
+    expected = (4 * frozen + 6 * adapter) * sum(LENGTHS) + hand_attention_flops(LENGTHS)
+    assert step_flops(model, layout) == expected
 
 
 def linear_weights(model) -> int:
@@ -23,7 +103,7 @@ def linear_weights(model) -> int:
 
 
 def test_full_fine_tuning_is_six_flops_per_parameter(tiny_model_dir):
-    model = load_model(ModelConfig(tiny=TinyModelSpec()), torch.device("cpu")).model
+    model = tiny_model()
     assert train_flops_per_token(model) == 6 * linear_weights(model)
 
 
@@ -31,7 +111,12 @@ def test_full_fine_tuning_is_six_flops_per_parameter(tiny_model_dir):
 def test_adapters_add_weight_gradients_only_for_what_trains(tiny_model_dir, method):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    model = load_model(ModelConfig(tiny=TinyModelSpec()), torch.device("cpu"), PeftConfig(method=method, r=4)).model
+    model = tiny_model(PeftConfig(method=method, r=4))
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The 4-bit base counts as the weights it stands for, not its packed storage.
     assert train_flops_per_token(model) == 4 * linear_weights(model) + 2 * adapters
+
+
+def test_mfu_divides_by_every_device_peak():
+    # 3e12 FLOPs in 1.5 s on 2 devices of 4e12 FLOP/s: 3 / 12 of what they could do.
+    assert mfu(3e12, 1.5, 2, 4e12) == pytest.approx(0.25)

@@ -1,0 +1,53 @@
+"""Launched by torchrun from test_plan_model_state.py: build a run as ftdist.train's run() does,
+take one training step, and write what this rank holds beside what ftdist.plan predicts.
+
+usage: torchrun --nproc_per_node 2 plan_model_state_worker.py OUT_DIR override ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from ftdist.config import load_config, register_schemas
+from ftdist.data.prepare import prepare_data
+from ftdist.model.loading import load_model, load_tokenizer
+from ftdist.parallel import build_strategy
+from ftdist.plan import measure_model_state, predicted_model_state
+from ftdist.train import CONF_DIR, seed_everything
+from ftdist.trainer import Trainer, use_bf16
+
+
+def main(out_dir: Path, overrides: list[str]) -> None:
+    register_schemas()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
+    cfg = load_config(dcfg)
+    # Before loading: under ZeRO-3, transformers builds every later model inside zero.Init.
+    predicted = predicted_model_state(cfg, int(os.environ["WORLD_SIZE"]))
+    strategy = build_strategy(cfg.strategy)
+    try:
+        seed_everything(cfg.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        train, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
+        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
+            loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+        trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train, val, out_dir)
+        trainer.train_step()  # optimizer state now exists; the step freed the gradients
+        trainer.forward_backward(trainer.step_batches(trainer.step))  # gradients again, as at every step's peak
+        measured = measure_model_state(trainer.model, trainer.optimizer, strategy)
+        record = {"rank": strategy.rank, "world_size": strategy.world_size, "measured": measured, "predicted": predicted}
+        (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(record) + "\n")
+        strategy.barrier()
+    finally:
+        strategy.shutdown()
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    main(out, sys.argv[2:])

@@ -1,0 +1,43 @@
+"""ftdist.plan's per-rank bytes of parameters, gradients and optimizer state equal what each of 2
+gloo ranks holds after a training step (local storage: DDP replicas, FSDP2 DTensor shards,
+DeepSpeed ZeRO-3 partitions, bitsandbytes 4-bit storage and its quantization constants)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import FAST, REPO, run_env
+
+WORKER = Path(__file__).with_name("plan_model_state_worker.py")
+STEP = [*FAST, "train.max_steps=2", "train.micro_batch_size=2", "train.save_final=false"]
+LAYOUTS = {
+    "ddp": ["strategy=ddp"],
+    "fsdp": ["strategy=fsdp"],
+    "zero3": ["strategy=zero3"],
+    "fsdp_qlora": ["strategy=fsdp", "peft=qlora", "peft.dropout=0"],
+}
+
+
+def measure(tmp_path: Path, overrides: list[str]) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), str(tmp_path), *STEP, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_predicted_model_state_matches_each_rank(tmp_path, layout):
+    ranks = measure(tmp_path, LAYOUTS[layout])
+    parts = ["parameters", "gradients", "optimizer"] + (["quant_constants"] if "qlora" in layout else [])
+    for record in ranks:
+        assert record["world_size"] == 2
+        for part in parts:
+            measured, predicted = record["measured"][part], record["predicted"][part]
+            assert measured > 0, (layout, part, record)
+            assert predicted == pytest.approx(measured, rel=0.05), (layout, part, record)
+    print(json.dumps({layout: ranks}))
