@@ -18,6 +18,7 @@ LAYOUTS = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
     "zero3": ["strategy=zero3"],
+    "fsdp_lora": ["strategy=fsdp", "peft=lora", "peft.dropout=0"],
     "fsdp_qlora": ["strategy=fsdp", "peft=qlora", "peft.dropout=0"],
 }
 
