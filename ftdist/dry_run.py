@@ -2,11 +2,12 @@
 
 The model is built from its config on the meta device (shapes and dtypes, no storage) and wrapped
 with the same peft adapters training uses, so the parameter counts are the real module tree's.
-The memory figures are arithmetic on that tree; the report prints the assumptions beside them.
+The memory figures are ftdist.plan's, for WORLD_SIZE ranks (8 when unset).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -19,24 +20,16 @@ DEFAULT_WORLD_SIZE = 8  # one 8-GPU node: the usual unit of a cluster allocation
 # bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64
 # weights, and an fp32 scale per 256 of those absmaxes.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-ADAM_STATE_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, both fp32
-MASTER_BYTES = 4  # the fp32 master copy a bf16 parameter trains through under mixed precision
 LOSS_BYTES_PER_LOGIT = 8  # the loss upcasts the logits to fp32, and their gradient is fp32 too
 
 
 @dataclass
 class Census:
-    """Parameter counts and storage of a built (meta) model; bytes are full, unsharded."""
+    """Parameter counts of a built (meta) model (its storage: ftdist.plan.ModelState)."""
 
     total: int  # base model parameters; a 4-bit weight counts as one parameter
     trainable: int
     adapter: int  # parameters peft added
-    stored_bytes: float  # everything, 4-bit weights at NF4_BYTES_PER_PARAM
-    trainable_bytes: float
-    master_params: int  # trainable parameters kept in 16 bits (they need an fp32 master)
-    layer_bytes: float  # the largest decoder layer
-    root_bytes: float  # outside the decoder layers: embeddings, final norm, output head
-    largest_param_bytes: float
     num_layers: int
     adapted_in_features: int  # summed input width of the adapted linears of one layer
     adapted_modules: int  # adapted linears per layer
@@ -89,23 +82,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def take_census(model, quantized: set[int], layers, base_ids: set[int]) -> Census:
-    def nbytes(p) -> float:
-        return p.numel() * (NF4_BYTES_PER_PARAM if id(p) in quantized else p.element_size())
-
     params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    layer_bytes = [sum(nbytes(p) for p in layer.parameters()) for layer in layers]
     adapted = [m for m in layers[0].modules() if hasattr(m, "lora_A")] if layers else []
     return Census(
         total=sum(p.numel() for p in params if id(p) in base_ids),
-        trainable=sum(p.numel() for p in trainable),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
         adapter=sum(p.numel() for p in params if id(p) not in base_ids),
-        stored_bytes=sum(nbytes(p) for p in params),
-        trainable_bytes=sum(nbytes(p) for p in trainable),
-        master_params=sum(p.numel() for p in trainable if p.element_size() == 2),
-        layer_bytes=max(layer_bytes, default=0.0),
-        root_bytes=sum(nbytes(p) for p in params) - sum(layer_bytes),
-        largest_param_bytes=max(nbytes(p) for p in params),
         num_layers=len(layers),
         adapted_in_features=sum(m.in_features for m in adapted),
         adapted_modules=len(adapted),
@@ -120,59 +102,6 @@ def resolve_world_size(cfg: FtdistConfig, world_size: int | None) -> tuple[int, 
     if os.environ.get("WORLD_SIZE"):
         return int(os.environ["WORLD_SIZE"]), "from WORLD_SIZE"
     return DEFAULT_WORLD_SIZE, "WORLD_SIZE unset: one node of 8 GPUs assumed; set WORLD_SIZE=N to size for N ranks"
-
-
-def sharding_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
-    """Plan lines, and per state kind: (ranks it is split over, where it lives); plus gathered bytes."""
-    if cfg.strategy.name == "fsdp":
-        return fsdp_plan(cfg, c, world)
-    if cfg.strategy.name == "deepspeed":
-        return deepspeed_plan(cfg, c, world)
-    what = "one process holds" if cfg.strategy.name == "single" else f"DDP over {world} ranks: every rank holds"
-    lines = [f"{what} a full replica: parameters, gradients and optimizer state"]
-    return lines, {"parameters": (1, "gpu"), "gradients": (1, "gpu"), "optimizer": (1, "gpu"), "gathered": 0.0}
-
-
-def fsdp_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
-    s = cfg.strategy
-    where = "cpu" if s.cpu_offload else "gpu"
-    units = f"{c.num_layers + 1} units ({c.num_layers} decoder layers + the root: embeddings, final norm, output head)"
-    lines = [
-        f"FSDP2 over {world} ranks: {units}",
-        f"each rank holds 1/{world} of every unit's parameters, gradients and optimizer state"
-        + (" in CPU memory (cpu_offload)" if s.cpu_offload else ""),
-        "a unit is all-gathered for its forward and backward, "
-        + ("then freed (reshard_after_forward)" if s.reshard_after_forward else "and kept until its backward"),
-    ]
-    # The root runs first and last, so it stays gathered all step, beside the layer in use and
-    # the one prefetched.
-    gathered = c.root_bytes + 2 * c.layer_bytes if s.reshard_after_forward else c.stored_bytes
-    return lines, {"parameters": (world, where), "gradients": (world, where), "optimizer": (world, where),
-                   "gathered": gathered}
-
-
-def deepspeed_plan(cfg: FtdistConfig, c: Census, world: int) -> tuple[list[str], dict]:
-    s = cfg.strategy
-    split = {1: "optimizer state", 2: "optimizer state and gradients", 3: "parameters, gradients and optimizer state"}
-    lines = [f"DeepSpeed ZeRO stage {s.zero_stage} over {world} ranks: {split[s.zero_stage]} partitioned"]
-    if s.zero_stage < 3:
-        lines.append("every rank keeps full parameters" + (" and gradients" if s.zero_stage == 1 else ""))
-    if s.offload_optimizer:
-        lines.append("optimizer state, fp32 master weights and gradient partitions offloaded to CPU (ZeRO-Offload)")
-    if s.offload_params:
-        lines.append("parameter partitions offloaded to CPU, fetched when their module runs")
-    gathered = 0.0
-    if s.zero_stage == 3:
-        lines.append("a module's parameters are all-gathered when it runs and released after")
-        # DeepSpeed gathers module by module: the biggest one (the embedding) or a layer, plus a prefetch.
-        gathered = max(c.largest_param_bytes, c.layer_bytes) + c.layer_bytes
-    plan = {
-        "parameters": (world if s.zero_stage == 3 else 1, "cpu" if s.offload_params else "gpu"),
-        "gradients": (world if s.zero_stage >= 2 else 1, "cpu" if s.offload_optimizer else "gpu"),
-        "optimizer": (world, "cpu" if s.offload_optimizer else "gpu"),
-        "gathered": gathered,
-    }
-    return lines, plan
 
 
 def compute_bytes(cfg: FtdistConfig) -> int:
@@ -207,19 +136,18 @@ def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
     return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
 
 
-def memory_estimate(cfg: FtdistConfig, config, c: Census, plan: dict) -> dict[str, float]:
-    optimizer = c.trainable * ADAM_STATE_BYTES + c.master_params * MASTER_BYTES
-    full = {"parameters": c.stored_bytes, "gradients": c.trainable_bytes, "optimizer": optimizer}
-    gpu = {"gathered": plan["gathered"], "activations": activation_bytes(cfg, config, c)}
-    cpu = 0.0
-    for kind, total in full.items():
-        ranks, where = plan[kind]
-        gpu[kind] = total / ranks if where == "gpu" else 0.0
-        cpu += total / ranks if where == "cpu" else 0.0
-    out = {k: gpu[k] / GIB for k in ("parameters", "gradients", "optimizer", "gathered", "activations")}
-    out["total_gpu"] = sum(gpu.values()) / GIB
-    out["cpu"] = cpu / GIB
-    return out
+def memory_per_rank(cfg: FtdistConfig, built, world: int) -> tuple[dict[str, float], list[str]]:
+    """GiB per rank by part, and the sharding notes, from ftdist.plan's memory model (the one
+    checked against what ranks hold) for `world` ranks on one node."""
+    from ftdist.plan import memory, model_state
+
+    sized = copy.deepcopy(cfg)
+    sized.cluster.nodes, sized.cluster.gpus_per_node = 1, world
+    mem = memory(sized, model_state(sized, built))
+    gib = {part: value / GIB for part, value in mem["gpu"].items()}
+    gib["total_gpu"] = sum(gib.values())
+    gib["cpu"] = mem["cpu"] / GIB
+    return gib, mem["layout"].notes
 
 
 def describe_model(cfg: FtdistConfig, config, c: Census) -> list[str]:
@@ -251,43 +179,35 @@ def describe_batch(cfg: FtdistConfig, world: int) -> str:
             f"{d.max_seq_len} tokens = {rows * d.max_seq_len:,} tokens per optimizer step")
 
 
-def describe_memory(cfg: FtdistConfig, mem: dict, c: Census, world: int) -> list[str]:
-    master = " + fp32 master (16-bit trainable weights)" if c.master_params else ""
-    ckpt = "on: layer inputs + one layer recomputed" if cfg.model.gradient_checkpointing else "off: every layer"
-    notes = {
-        "parameters": "4-bit base + 16-bit rest" if cfg.peft.method == "qlora" else "stored dtype",
-        "gradients": "trainable parameters only, in their dtype",
-        "optimizer": f"AdamW: 2 fp32 states{master}",
-        "gathered": "transient: all-gathered unit(s) in use and prefetched",
-        "activations": f"micro {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} tokens, checkpointing {ckpt}, "
-                       "plus logits and fp32 loss",
-    }
-    lines = ["memory per rank (GiB, estimate):"]
-    lines += [f"  {k:<12} {mem[k]:8.1f}   {note}" for k, note in notes.items()]
-    lines.append(f"  {'total GPU':<12} {mem['total_gpu']:8.1f}")
+def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
+    lines = ["memory per rank (GiB, estimate; python -m ftdist.plan explains each part):"]
+    lines += [f"  {part:<16} {value:8.2f}" for part, value in mem.items() if part not in ("total_gpu", "cpu")]
+    lines.append(f"  {'total GPU':<16} {mem['total_gpu']:8.2f}")
     if mem["cpu"]:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, DEFAULT_WORLD_SIZE)))
-        lines.append(f"  {'CPU':<12} {mem['cpu']:8.1f}   offloaded state; {mem['cpu'] * per_node:.1f} per node of "
+        lines.append(f"  {'CPU':<16} {mem['cpu']:8.2f}   offloaded state; {mem['cpu'] * per_node:.1f} per node of "
                      f"{per_node} ranks")
     return lines
 
 
 def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     """Print the report (rank 0 only, if launched under torchrun) and return its numbers."""
-    config, model, quantized, layers, base_ids = build_meta_model(cfg)
+    built = build_meta_model(cfg)
+    config, model, quantized, layers, base_ids = built
     census = take_census(model, quantized, layers, base_ids)
     world, world_note = resolve_world_size(cfg, world_size)
-    plan_lines, plan = sharding_plan(cfg, census, world)
-    mem = memory_estimate(cfg, config, census, plan)
+    mem, plan_lines = memory_per_rank(cfg, built, world)
+    if cfg.strategy.name == "fsdp":
+        plan_lines.insert(0, f"{census.num_layers + 1} units ({census.num_layers} decoder layers + the root: "
+                             "embeddings, final norm, output head)")
     lines = [f"ftdist dry run: {cfg.experiment_name} (meta device: no weights loaded, nothing launched)"]
     lines += describe_model(cfg, config, census)
     lines.append(describe_batch(cfg, world))
     lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(plan_lines))
-    lines += describe_memory(cfg, mem, census, world)
+    lines += describe_memory(cfg, mem, world)
     lines.append(
         f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
-        "train.mixed_precision=none; not counted: CUDA context and kernels (~1 GiB), allocator fragmentation, "
-        "communication buffers (python -m ftdist.plan counts them, and says whether a cluster fits)"
+        "train.mixed_precision=none; python -m ftdist.plan says whether a cluster fits and what to change"
     )
     report = "\n".join(lines)
     if os.environ.get("RANK", "0") == "0":

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ftdist.config import ConfigError, FtdistConfig
-from ftdist.dry_run import Census, activation_bytes, build_meta_model, take_census
+from ftdist.dry_run import Census, activation_bytes, build_meta_model, compute_bytes, take_census
 
 GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax
@@ -77,18 +77,14 @@ class ModelState:
     flops_per_token: float
 
 
-def compute_dtype_bytes(cfg: FtdistConfig) -> int:
-    """Bytes of a GPU compute element: bf16 unless training is all fp32 (train.mixed_precision=none
-    with an fp32 model); the plan sizes a bf16-capable GPU."""
-    return 4 if cfg.train.mixed_precision == "none" and cfg.model.dtype == "fp32" else 2
-
-
-def model_state(cfg: FtdistConfig) -> ModelState:
+def model_state(cfg: FtdistConfig, built=None) -> ModelState:
+    """The storage of the configured model, built on the meta device (or from build_meta_model's
+    result, when the caller has one)."""
     from ftdist.metrics import matmul_params, train_flops_per_token
 
-    config, model, quantized, layers, base_ids = build_meta_model(cfg)
+    config, model, quantized, layers, base_ids = built or build_meta_model(cfg)
     census = take_census(model, quantized, layers, base_ids)
-    act = compute_dtype_bytes(cfg)
+    act = compute_bytes(cfg)
 
     def stored(p) -> float:
         return p.numel() / 2 if id(p) in quantized else p.numel() * p.element_size()
@@ -152,7 +148,7 @@ def layout(cfg: FtdistConfig, world: int) -> Layout:
                  params_on_cpu=s.offload_params, grads_on_cpu=s.offload_optimizer and stage >= 2,
                  optim_on_cpu=s.offload_optimizer)
     split = {1: "optimizer state", 2: "optimizer state and gradients", 3: "parameters, gradients and optimizer state"}
-    lay.notes.append(f"DeepSpeed ZeRO-{stage} over {world} ranks: {split[stage]} partitioned 1/{world}")
+    lay.notes.append(f"DeepSpeed ZeRO stage {stage} over {world} ranks: {split[stage]} partitioned 1/{world}")
     if s.offload_optimizer or s.offload_params:
         what = [w for w, on in (("optimizer state", s.offload_optimizer), ("parameters", s.offload_params)) if on]
         lay.notes.append(f"{' and '.join(what)} offloaded to CPU")
@@ -162,7 +158,7 @@ def layout(cfg: FtdistConfig, world: int) -> Layout:
 def state_bytes(cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
     """Full (unsharded) bytes of parameters, adapters, gradients and optimizer state, in the dtypes
     the configured strategy keeps them."""
-    act = compute_dtype_bytes(cfg)
+    act = compute_bytes(cfg)
     out = {"parameters": m.base_bytes, "lora": m.adapter_bytes, "gradients": m.trainable_bytes}
     if cfg.strategy.name == "deepspeed":
         # DeepSpeed holds parameters and gradients in its engine dtype (bf16 when bf16 is on).
@@ -180,7 +176,7 @@ def state_bytes(cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
 
 
 def communication_bytes(cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, str]:
-    s, act = cfg.strategy, compute_dtype_bytes(cfg)
+    s, act = cfg.strategy, compute_bytes(cfg)
     if s.name == "single" or world == 1 and s.name == "ddp":
         return 0.0, "none (one process)"
     if s.name == "ddp":
