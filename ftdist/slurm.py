@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from ftdist.config import ConfigError, FtdistConfig, check_override_keys, load_config, slurm_procs_per_node
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -117,6 +116,16 @@ def render(cfg: FtdistConfig, run_dir: Path, sweep: list[list[str]]) -> str:
     return template
 
 
+def strategy_for_processes(cfg: FtdistConfig, processes: int) -> list[str]:
+    """The override a job of `processes` ranks adds: strategy=single cannot use more than one
+    process, and DDP is what it becomes with more ranks."""
+    if cfg.strategy.name != "single" or processes <= 1:
+        return []
+    print(f"ftdist.slurm: strategy=single with {processes} processes: the job runs strategy=ddp "
+          "(set strategy= to choose another)", file=sys.stderr)
+    return ["strategy=ddp"]
+
+
 def plan(overrides: list[str], multirun: bool) -> tuple[FtdistConfig, Path, list[list[str]]]:
     """Check every run of the job; returns the first run's config, the run directory and the runs."""
     check_override_keys(overrides)
@@ -125,12 +134,9 @@ def plan(overrides: list[str], multirun: bool) -> tuple[FtdistConfig, Path, list
     for combo in sweep:
         dcfg = compose(combo)
         cfg = load_config(dcfg)
-        procs = cfg.slurm.nodes * slurm_procs_per_node(cfg.slurm)
-        if cfg.strategy.name == "single" and procs > 1:
-            # One process cannot use the allocation; DDP is what single becomes with more ranks.
-            print(f"ftdist.slurm: strategy=single with {procs} processes: the job runs strategy=ddp "
-                  "(set strategy= to choose another)", file=sys.stderr)
-            combo.append("strategy=ddp")
+        extra = strategy_for_processes(cfg, cfg.slurm.nodes * slurm_procs_per_node(cfg.slurm))
+        if extra:
+            combo += extra
             cfg = load_config(compose(combo))
         configs.append(cfg)
     run_dir = Path(configs[0].output_dir).resolve()
@@ -140,7 +146,7 @@ def plan(overrides: list[str], multirun: bool) -> tuple[FtdistConfig, Path, list
 def submit(script_path: Path) -> str:
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch is not on PATH: run on a Slurm login node, or use slurm.dry_run=true")
-    out = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    out = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise ConfigError(f"sbatch {script_path} failed: {out.stderr.strip() or out.stdout.strip()}")
     return out.stdout.strip().split(";")[0]
@@ -195,8 +201,7 @@ def run_torchrun_in_job(dcfg) -> None:
     overrides = list(hc.overrides.task)
     procs = slurm_procs_per_node(cfg.slurm)
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
-    if cfg.strategy.name == "single" and procs * nodes > 1:
-        overrides.append("strategy=ddp")  # as in ftdist.slurm: one process cannot use the job
+    overrides += strategy_for_processes(cfg, procs * nodes)
     job_id = int(os.environ["SLURM_JOB_ID"])
     nodelist = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                               capture_output=True, text=True, check=True).stdout.split()
@@ -210,7 +215,7 @@ def run_torchrun_in_job(dcfg) -> None:
         "-m", "ftdist.train", *[o for o in overrides if _key(o) != "output_dir"], f"output_dir={run_dir}",
     ]
     print(f"ftdist: job {job_id}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    rc = subprocess.run(cmd).returncode
+    rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
         raise RuntimeError(f"torchrun exited with {rc} in job {job_id}; see {run_dir}/train.log")
 

@@ -31,7 +31,7 @@ def ensure_installed() -> None:
         raise SlurmUnavailable(f"Slurm is not installed and apt-get as root is not available: install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
         if proc.returncode != 0:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     missing = [b for b in BINARIES if not shutil.which(b)]
@@ -64,10 +64,10 @@ class LocalSlurm:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _munge_ok(self) -> bool:
-        enc = subprocess.run(["munge", "-n"], capture_output=True)
-        return enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout, capture_output=True).returncode == 0
+        enc = subprocess.run(["munge", "-n"], capture_output=True, check=False)
+        return enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout, capture_output=True, check=False).returncode == 0
 
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         ensure_installed()
         if not self._munge_ok():
             Path("/run/munge").mkdir(parents=True, exist_ok=True)
@@ -117,11 +117,11 @@ class LocalSlurm:
         return self
 
     def _node_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env, check=False)
         return out.returncode == 0 and out.stdout.strip().startswith("idle")
 
     def run(self, *cmd: str, check: bool = True) -> str:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, check=False)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
         return proc.stdout

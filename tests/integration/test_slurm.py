@@ -21,7 +21,7 @@ JOB = [*FAST, "strategy=ddp", "slurm.procs_per_node=2", "slurm.time=15", "train.
 def ftdist_slurm(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ftdist.slurm", *args], cwd=REPO, env=env or run_env(),
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
 
 
@@ -39,7 +39,7 @@ def test_dry_run_prints_a_multi_node_job_with_preemption_handling(tmp_path):
     assert "torch.distributed.run" in script and "resume=auto" in script
     # tiny_cpu is strategy=single, which cannot use 16 processes: the job says it runs ddp.
     assert "strategy=ddp" in script and "strategy=single" in proc.stderr
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
     assert not out_dir.exists()  # a dry run writes nothing
 
 
@@ -50,7 +50,8 @@ def test_sweep_renders_an_array_job_with_one_task_per_combination(tmp_path):
     # Each array task's overrides, as bash would expand them.
     for task, lr in ((0, "0.001"), (1, "0.002")):
         probe = proc.stdout.split("\nRUN_DIR=")[0] + f'\nSLURM_ARRAY_TASK_ID={task}\neval "O=(${{SWEEP[{task}]}})"; printf "%s\\n" "${{O[@]}}"'
-        words = subprocess.run(["bash", "-c", probe.split("set -uo pipefail", 1)[1]], capture_output=True, text=True).stdout
+        words = subprocess.run(["bash", "-c", probe.split("set -uo pipefail", 1)[1]], capture_output=True, text=True,
+                               check=False).stdout
         assert f"train.lr={lr}" in words.split(), words
 
 
@@ -72,7 +73,7 @@ def slurm(tmp_path_factory):
 
 
 def submit(slurm: LocalSlurm, overrides: list[str]) -> str:
-    proc = ftdist_slurm(overrides, env={**run_env(), **{"SLURM_CONF": slurm.env["SLURM_CONF"]}})
+    proc = ftdist_slurm(overrides, env={**run_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]})
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -132,7 +133,7 @@ def test_sweeps_as_an_array_job_and_through_the_submitit_launcher_give_the_runs_
         [sys.executable, "-m", "ftdist.train", "-m", "hydra/launcher=slurm", *common, "train.lr=1e-3,3e-3",
          f"output_dir={sweep}"],
         cwd=REPO, env={**run_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]}, capture_output=True, text=True,
-        timeout=600,
+        timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(sorted((sweep / ".submitit").glob("*/*_log.out"))) == 2  # two Slurm jobs, one per run
