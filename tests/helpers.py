@@ -22,6 +22,15 @@ FAST = [
 ]
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for rendezvous and daemons started by tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def run_env() -> dict:
     # One thread per process: two ranks on two cores, and results that do not depend on load.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

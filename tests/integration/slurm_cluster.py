@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge")
 
@@ -37,12 +39,6 @@ def ensure_installed() -> None:
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
         raise SlurmUnavailable(f"after apt-get install, still missing: {missing}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -93,8 +89,8 @@ class LocalSlurm:
                     f"SlurmdPidFile={r}/slurmd.pid",
                     f"SlurmctldLogFile={r}/slurmctld.log",
                     f"SlurmdLogFile={r}/slurmd.log",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",

@@ -3,18 +3,11 @@ with two processes; a rank that never checks in is named by the preflight within
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
-from helpers import FAST, REPO, read_metrics, run_env, run_train, train_cmd
+from helpers import FAST, REPO, free_port, read_metrics, run_env, run_train, train_cmd
 
 COMMON = [*FAST, "train.max_steps=4", "train.micro_batch_size=1", "strategy=ddp"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_give_the_losses_of_one_node_with_two_processes(tmp_path):
