@@ -233,10 +233,13 @@ def memory(cfg: FtdistConfig, m: ModelState) -> dict:
     return {"world": world, "gpu": {k: gpu[k] for k in PARTS}, "cpu": cpu, "layout": lay, "comm_note": comm_note}
 
 
-def fits(cfg: FtdistConfig, mem: dict) -> tuple[bool, bool]:
-    gpu_ok = sum(mem["gpu"].values()) <= cfg.cluster.gpu_mem_gb * GIB
+def fits(cfg: FtdistConfig, mem: dict, load: dict) -> tuple[bool, bool]:
+    """Whether training and loading fit: GPU memory per rank, host memory per node (offloaded
+    state while training; the unsharded model while loading, freed as it is sharded)."""
+    budget_gpu, budget_cpu = cfg.cluster.gpu_mem_gb * GIB, cfg.cluster.cpu_mem_gb * GIB
+    gpu_ok = max(sum(mem["gpu"].values()), load["gpu"]) <= budget_gpu
     ranks_per_node = min(mem["world"], cfg.cluster.gpus_per_node)
-    cpu_ok = mem["cpu"] * ranks_per_node <= cfg.cluster.cpu_mem_gb * GIB
+    cpu_ok = max(mem["cpu"] * ranks_per_node, load["host_per_node"]) <= budget_cpu
     return gpu_ok, cpu_ok
 
 
@@ -301,7 +304,7 @@ def suggest(cfg: FtdistConfig, m: ModelState) -> dict | None:
     for why, overrides in candidate_changes(cfg):
         changed = _with(cfg, overrides)
         mem = memory(changed, m)
-        if all(fits(changed, mem)):
+        if all(fits(changed, mem, loading(changed, m, mem))):
             return {"change": why, "overrides": _render(overrides),
                     "per_gpu_gb": sum(mem["gpu"].values()) / GIB}
     return None
@@ -335,7 +338,8 @@ def make_plan(cfg: FtdistConfig, m: ModelState | None = None) -> dict:
     """Everything the report prints, as numbers (GiB for memory)."""
     m = m or model_state(cfg)
     mem = memory(cfg, m)
-    gpu_ok, cpu_ok = fits(cfg, mem)
+    load = loading(cfg, m, mem)
+    gpu_ok, cpu_ok = fits(cfg, mem, load)
     per_gpu = sum(mem["gpu"].values()) / GIB
     ranks_per_node = min(mem["world"], cfg.cluster.gpus_per_node)
     plan = {
@@ -359,19 +363,44 @@ def make_plan(cfg: FtdistConfig, m: ModelState | None = None) -> dict:
                            "no_checkpointing": activations(cfg, m, False) / GIB},
         "speed": speed(cfg, m, mem["world"]),
         "suggestion": None if gpu_ok and cpu_ok else suggest(cfg, m),
-        "load_peak_gb": load_peak(cfg, m) / GIB,
+        "loading": {"host_per_node_gb": load["host_per_node"] / GIB, "host_rank0_gb": load["host_rank0"] / GIB,
+                    "host_other_rank_gb": load["host_other_rank"] / GIB, "gpu_gb": load["gpu"] / GIB,
+                    "how": load["note"]},
         "layout": mem["layout"].notes,
         "communication": mem["comm_note"],
     }
     return plan
 
 
-def load_peak(cfg: FtdistConfig, m: ModelState) -> float:
-    """GPU bytes while loading, before the strategy shards: a 4-bit base is quantized on every
-    rank's own GPU, whole (ftdist.model.loading); other bases load to CPU or under zero.Init."""
-    if cfg.peft.method != "qlora":
-        return 0.0
-    return m.base_bytes + m.quant_constant_bytes + cfg.plan.workspace_gb * GIB
+def loading(cfg: FtdistConfig, m: ModelState, mem: dict) -> dict:
+    """Memory while the model loads, before the strategy has sharded it, as ftdist.model.loading
+    does it: host bytes on rank 0 and on each other rank, host bytes per node, and the GPU peak
+    per rank (weights arrive in their final place, except where noted)."""
+    s, world = cfg.strategy, mem["world"]
+    per_node = min(world, cfg.cluster.gpus_per_node)
+    whole = m.base_bytes + m.adapter_bytes + m.quant_constant_bytes  # the model as loaded, not sharded
+    gpu = mem["gpu"]
+    settled = gpu["parameters"] + gpu["lora"] + gpu["quant_constants"] + gpu["workspace"]
+    if s.name == "fsdp" and cfg.peft.method == "qlora":
+        # Every rank quantizes the whole base (on its GPU) into CPU memory; fully_shard then moves
+        # one unit at a time to the GPU, shards it, and frees the rest.
+        unit = max(m.layer_gather_bytes, m.root_gather_bytes)
+        return {"host_rank0": whole, "host_other_rank": whole, "host_per_node": per_node * whole,
+                "gpu": settled + unit,
+                "note": "every rank quantizes the whole 4-bit base into CPU memory; fully_shard moves it to the "
+                        "GPU one block at a time"}
+    if s.name == "fsdp":
+        return {"host_rank0": whole, "host_other_rank": 0.0, "host_per_node": whole, "gpu": settled,
+                "note": "rank 0 loads the whole model into CPU memory, the other ranks build it on the meta "
+                        "device; rank 0 broadcasts each tensor into the shards"}
+    if s.name == "deepspeed" and s.zero_stage == 3:
+        return {"host_rank0": 0.0, "host_other_rank": 0.0, "host_per_node": 0.0, "gpu": settled,
+                "note": "zero.Init partitions each tensor as it loads"}
+    if cfg.peft.method == "qlora":
+        return {"host_rank0": 0.0, "host_other_rank": 0.0, "host_per_node": 0.0, "gpu": settled,
+                "note": "each weight is quantized on the GPU as it loads"}
+    return {"host_rank0": whole, "host_other_rank": whole, "host_per_node": per_node * whole, "gpu": settled,
+            "note": "every rank loads the whole model into CPU memory, then moves it to its GPU"}
 
 
 def describe_strategy(cfg: FtdistConfig) -> str:
@@ -417,9 +446,9 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
     if plan["cpu_per_rank_gb"]:
         lines.append(f"CPU memory: {plan['cpu_per_node_gb']:.1f} GiB per node of {cfg.cluster.cpu_mem_gb:g} "
                      "(cluster.cpu_mem_gb) for offloaded state")
-    if plan["load_peak_gb"] > cfg.cluster.gpu_mem_gb:
-        lines.append(f"warning: loading peaks at {plan['load_peak_gb']:.1f} GiB per GPU: each rank quantizes the "
-                     "whole base on its GPU before FSDP shards it (the training verdict below is after sharding)")
+    load = plan["loading"]
+    lines.append(f"loading: {load['host_per_node_gb']:.1f} GiB of CPU memory per node of {cfg.cluster.cpu_mem_gb:g}, "
+                 f"GPU peak {load['gpu_gb']:.1f} GiB: {load['how']}")
     verdict = "FITS" if plan["fits"] else "DOES NOT FIT" + ("" if plan["fits_gpu"] else " in GPU memory") + (
         "" if plan["fits_cpu"] else " in CPU memory")
     lines.append(f"verdict: {verdict}")
@@ -502,6 +531,21 @@ def measure_model_state(model: torch.nn.Module, optimizer, strategy=None) -> dic
     out["optimizer"] = _add(states, seen) + _add(masters, seen)
     out["quant_constants"] = _add(_quant_tensors(module), seen)
     return out
+
+
+def measure_loaded(model: torch.nn.Module) -> int:
+    """Bytes this rank holds of a model just loaded (parameters and quantization constants; meta
+    tensors hold nothing), before the strategy shards it."""
+    seen: set = set()
+    return _add([p for p in model.parameters() if not p.is_meta], seen) + _add(_quant_tensors(model), seen)
+
+
+def predicted_loaded(cfg: FtdistConfig, world: int, rank: int, m: ModelState | None = None) -> float:
+    """The plan's bytes of what measure_loaded counts, on `rank` of `world` ranks on one node."""
+    m = m or model_state(cfg)
+    c = _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
+    load = loading(c, m, memory(c, m))
+    return load["host_rank0"] if rank == 0 else load["host_other_rank"]
 
 
 def predicted_model_state(cfg: FtdistConfig, world: int, m: ModelState | None = None) -> dict[str, float]:

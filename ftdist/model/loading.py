@@ -5,6 +5,7 @@ The tiny model goes through the same path: it is built into a cache directory fi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -12,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from ftdist.config import ConfigError, ModelConfig, PeftConfig
-from ftdist.model.adapters import apply_adapters, keep_4bit_weights_trainable, quantization_config
+from ftdist.model.adapters import (
+    apply_adapters,
+    keep_4bit_weights_trainable,
+    quantization_config,
+    quantize_4bit_on,
+)
 from ftdist.model.attention import resolve_attn_implementation
 from ftdist.model.tiny import ensure_tiny_model
 
@@ -76,7 +82,10 @@ def load_model(
 
     Under a strategy that loads on rank 0 only (FSDP), rank 0 loads the weights to CPU and every
     other rank builds the same model on the meta device; the strategy moves rank 0's weights
-    into the shards. A 4-bit base is quantized while it loads, on every rank's own device.
+    into the shards. A 4-bit base is quantized while it loads, on every rank's own device; where
+    the strategy shards it (FSDP), every rank keeps the whole quantized base in CPU memory until
+    fully_shard moves it to the GPU one block at a time, so the GPU never holds more than its
+    shards and one block.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,6 +97,10 @@ def load_model(
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
     quant = quantization_config(peft, dtype)
     deferred = quant is None and strategy is not None and strategy.loads_on_rank0_only
+    # A 4-bit base bound for FSDP shards waits in CPU memory (quantized on the GPU all the same).
+    parked = quant is not None and strategy is not None and strategy.shards_parameters
+    load_device = torch.device("cpu") if parked else device
+    quantizing = quantize_4bit_on(device) if parked and device.type == "cuda" else contextlib.nullcontext()
     try:
         if deferred and not strategy.is_main:
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -96,10 +109,11 @@ def load_model(
                     config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
                 )
         else:
-            extra = {"quantization_config": quant, "device_map": {"": device}} if quant is not None else {}
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **extra
-            )
+            extra = {"quantization_config": quant, "device_map": {"": load_device}} if quant is not None else {}
+            with quantizing:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **extra
+                )
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
     model = finish_model(model, cfg, peft, quantized=quant is not None)

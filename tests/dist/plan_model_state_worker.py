@@ -1,5 +1,6 @@
 """Launched by torchrun from test_plan_model_state.py: build a run as ftdist.train's run() does,
-take one training step, and write what this rank holds beside what ftdist.plan predicts.
+take one training step, and write what this rank holds beside what ftdist.plan predicts: once
+just after loading (before the strategy shards), and once with gradients after a step.
 
 usage: torchrun --nproc_per_node 2 plan_model_state_worker.py OUT_DIR override ...
 """
@@ -17,7 +18,7 @@ from ftdist.config import load_config, register_schemas
 from ftdist.data.prepare import prepare_data
 from ftdist.model.loading import load_model, load_tokenizer
 from ftdist.parallel import build_strategy
-from ftdist.plan import measure_model_state, predicted_model_state
+from ftdist.plan import measure_loaded, measure_model_state, predicted_loaded, predicted_model_state
 from ftdist.train import CONF_DIR, seed_everything
 from ftdist.trainer import Trainer, use_bf16
 
@@ -28,7 +29,9 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         dcfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
     cfg = load_config(dcfg)
     # Before loading: under ZeRO-3, transformers builds every later model inside zero.Init.
-    predicted = predicted_model_state(cfg, int(os.environ["WORLD_SIZE"]))
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    predicted = predicted_model_state(cfg, world)
+    predicted["loaded"] = predicted_loaded(cfg, world, rank)
     strategy = build_strategy(cfg.strategy)
     try:
         seed_everything(cfg.seed)
@@ -36,10 +39,11 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         train, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
         with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
             loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+        loaded_bytes = measure_loaded(loaded.model)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train, val, out_dir)
         trainer.train_step()  # optimizer state now exists; the step freed the gradients
         trainer.forward_backward(trainer.step_batches(trainer.step))  # gradients again, as at every step's peak
-        measured = measure_model_state(trainer.model, trainer.optimizer, strategy)
+        measured = {**measure_model_state(trainer.model, trainer.optimizer, strategy), "loaded": loaded_bytes}
         record = {"rank": strategy.rank, "world_size": strategy.world_size, "measured": measured, "predicted": predicted}
         (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(record) + "\n")
         strategy.barrier()

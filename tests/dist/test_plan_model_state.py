@@ -1,6 +1,8 @@
 """ftdist.plan's per-rank bytes of parameters, gradients and optimizer state equal what each of 2
 gloo ranks holds after a training step (local storage: DDP replicas, FSDP2 DTensor shards,
-DeepSpeed ZeRO-3 partitions, bitsandbytes 4-bit storage and its quantization constants)."""
+DeepSpeed ZeRO-3 partitions, bitsandbytes 4-bit storage and its quantization constants), and its
+bytes in memory just after loading equal what each rank holds then (FSDP: rank 0 the whole model,
+rank 1 nothing; FSDP + QLoRA: every rank the whole quantized base; DDP: every rank everything)."""
 
 from __future__ import annotations
 
@@ -41,4 +43,10 @@ def test_predicted_model_state_matches_each_rank(tmp_path, layout):
             measured, predicted = record["measured"][part], record["predicted"][part]
             assert measured > 0, (layout, part, record)
             assert predicted == pytest.approx(measured, rel=0.05), (layout, part, record)
+        if layout != "zero3":  # on CPU, zero.Init's partitions are in the memory the plan calls the GPU's
+            measured, predicted = record["measured"]["loaded"], record["predicted"]["loaded"]
+            assert predicted == pytest.approx(measured, rel=0.05), (layout, "loaded", record)
+    if layout.startswith("fsdp"):
+        loaded = [r["measured"]["loaded"] for r in sorted(ranks, key=lambda r: r["rank"])]
+        assert loaded[0] > 0 and (loaded[1] == loaded[0] if "qlora" in layout else loaded[1] == 0), loaded
     print(json.dumps({layout: ranks}))
