@@ -70,6 +70,7 @@ class ModelState:
     trainable_bytes: float  # trained parameters in their stored dtype
     layer_gather_bytes: float  # largest decoder layer, as all-gathered
     root_gather_bytes: float  # embeddings, final norm, head, as all-gathered
+    unit_stored_bytes: float  # largest FSDP unit (a layer, or the root) as stored: fully_shard moves it whole
     layer_trainable: int  # largest unit's trained parameters
     root_trainable: int
     largest_param: int
@@ -110,6 +111,7 @@ def model_state(cfg: FtdistConfig, built=None) -> ModelState:
         trainable_bytes=sum(stored(p) for p in trainable),
         layer_gather_bytes=sum(gathered(p) for p in biggest),
         root_gather_bytes=sum(gathered(p) for p in root),
+        unit_stored_bytes=max(sum(stored(p) for p in ps) for ps in [root, *per_layer]),
         layer_trainable=sum(p.numel() for p in biggest if p.requires_grad),
         root_trainable=sum(p.numel() for p in root if p.requires_grad),
         largest_param=max(p.numel() for p in params),
@@ -384,9 +386,8 @@ def loading(cfg: FtdistConfig, m: ModelState, mem: dict) -> dict:
     if s.name == "fsdp" and cfg.peft.method == "qlora":
         # Every rank quantizes the whole base (on its GPU) into CPU memory; fully_shard then moves
         # one unit at a time to the GPU, shards it, and frees the rest.
-        unit = max(m.layer_gather_bytes, m.root_gather_bytes)
         return {"host_rank0": whole, "host_other_rank": whole, "host_per_node": per_node * whole,
-                "gpu": settled + unit,
+                "gpu": settled + m.unit_stored_bytes,
                 "note": "every rank quantizes the whole 4-bit base into CPU memory; fully_shard moves it to the "
                         "GPU one block at a time"}
     if s.name == "fsdp":
