@@ -99,6 +99,11 @@ class StrategyConfig:
     # fsdp (FSDP2 fully_shard per decoder block, then the root)
     reshard_after_forward: bool = True  # free gathered blocks after forward (ZeRO-3-like)
     cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live on CPU
+    # Under gradient accumulation, reduce-scatter only on the last micro-batch: less traffic, but
+    # every rank holds unsharded fp32-reduce gradients of all trained parameters until then (a
+    # full model's worth under full fine-tuning). Off: reduce-scatter every micro-batch, so
+    # gradients stay sharded; worth turning on where only adapters train.
+    accumulate_unsharded: bool = False
     # deepspeed
     zero_stage: int = 3  # 1 | 2 | 3
     offload_optimizer: bool = False  # optimizer state (and its step) on CPU
@@ -409,6 +414,9 @@ def validate_parallel(cfg: FtdistConfig) -> None:
         raise ConfigError("strategy.offload_params=true needs DeepSpeed ZeRO stage 3 (strategy=zero3_offload)")
     if s.offload_optimizer and s.name != "deepspeed":
         raise ConfigError("strategy.offload_optimizer=true is a DeepSpeed option; with FSDP use strategy.cpu_offload")
+    if s.accumulate_unsharded and s.name != "fsdp":
+        raise ConfigError("strategy.accumulate_unsharded=true is an FSDP option (DDP and ZeRO-1 always accumulate "
+                          "unreduced gradients; ZeRO-2/3 always reduce every micro-batch)")
     if s.cpu_offload and s.name != "fsdp":
         raise ConfigError("strategy.cpu_offload=true is an FSDP option; with DeepSpeed use strategy=zero3_offload")
     if p.method != "none" and (p.alpha <= 0 or not 0.0 <= p.dropout < 1.0):

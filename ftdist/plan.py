@@ -136,6 +136,11 @@ class Layout:
     notes: list[str] = field(default_factory=list)
 
 
+def unsharded_accumulation(cfg: FtdistConfig) -> bool:
+    """FSDP holding whole gradients between micro-batches (strategy.accumulate_unsharded)."""
+    return cfg.strategy.name == "fsdp" and cfg.strategy.accumulate_unsharded and cfg.train.grad_accum_steps > 1
+
+
 def layout(cfg: FtdistConfig, world: int) -> Layout:
     s = cfg.strategy
     if s.name in ("single", "ddp"):
@@ -144,7 +149,12 @@ def layout(cfg: FtdistConfig, world: int) -> Layout:
     if s.name == "fsdp":
         off = s.cpu_offload
         note = f"FSDP2 over {world} ranks: parameters, gradients and optimizer state sharded 1/{world}"
-        return Layout(world, world, world, off, off, off, [note + (", in CPU memory (cpu_offload)" if off else "")])
+        lay = Layout(world, world, world, off, off, off, [note + (", in CPU memory (cpu_offload)" if off else "")])
+        if unsharded_accumulation(cfg):
+            lay.grad_shards, lay.grads_on_cpu = 1, False
+            lay.notes.append(f"accumulate_unsharded: until the last of {cfg.train.grad_accum_steps} micro-batches "
+                             "every rank holds all gradients unsharded, on the GPU, in the reduce dtype")
+        return lay
     stage = s.zero_stage
     lay = Layout(world if stage == 3 else 1, world if stage >= 2 else 1, world,
                  params_on_cpu=s.offload_params, grads_on_cpu=s.offload_optimizer and stage >= 2,
@@ -174,6 +184,8 @@ def state_bytes(cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
         out["optimizer"] = m.trainable * 12
     else:
         out["optimizer"] = 2 * m.trainable_bytes  # AdamW's exp_avg and exp_avg_sq, in the parameter's dtype
+    if unsharded_accumulation(cfg) and act == 2:
+        out["gradients"] = m.trainable * 4  # FSDP2 accumulates unsharded gradients in fp32 (the reduce dtype)
     return out
 
 
@@ -223,16 +235,17 @@ def memory(cfg: FtdistConfig, m: ModelState) -> dict:
         "gradients": (lay.grad_shards, lay.grads_on_cpu),
         "optimizer": (lay.optim_shards, lay.optim_on_cpu),
     }
-    gpu, cpu = {}, 0.0
+    gpu, cpu_parts = {}, {}
     for part, (shards, on_cpu) in placement.items():
         share = full[part] / shards
         gpu[part] = 0.0 if on_cpu else share
-        cpu += share if on_cpu else 0.0
+        cpu_parts[part] = share if on_cpu else 0.0
     gpu["quant_constants"] = m.quant_constant_bytes  # replicated: FSDP does not shard QuantState
     gpu["activations"] = activations(cfg, m, cfg.model.gradient_checkpointing)
     gpu["communication"], comm_note = communication_bytes(cfg, m, world)
     gpu["workspace"] = cfg.plan.workspace_gb * GIB
-    return {"world": world, "gpu": {k: gpu[k] for k in PARTS}, "cpu": cpu, "layout": lay, "comm_note": comm_note}
+    return {"world": world, "gpu": {k: gpu[k] for k in PARTS}, "cpu": sum(cpu_parts.values()), "cpu_parts": cpu_parts,
+            "layout": lay, "comm_note": comm_note}
 
 
 def fits(cfg: FtdistConfig, mem: dict, load: dict) -> tuple[bool, bool]:
@@ -509,17 +522,30 @@ def _quant_tensors(module: torch.nn.Module):
             yield from (qs.state2.absmax, qs.state2.code)
 
 
+def _fsdp_unsharded_grads(module: torch.nn.Module):
+    """Gradients FSDP2 holds unsharded between micro-batches when gradient sync is off: on its
+    private unsharded parameters, invisible through module.parameters()."""
+    for m in module.modules():
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        group = getattr(state, "_fsdp_param_group", None) if state is not None else None
+        for fp in getattr(group, "fsdp_params", []):
+            yield getattr(fp, "unsharded_accumulated_grad", None)
+            unsharded = getattr(fp, "_unsharded_param", None)
+            yield getattr(unsharded, "grad", None) if unsharded is not None else None
+
+
 def measure_model_state(model: torch.nn.Module, optimizer, strategy=None) -> dict[str, int]:
     """Bytes this rank holds in parameters (base and adapter), gradients, optimizer state and
     quantization constants: the local storage only (FSDP2 DTensor shards, DeepSpeed ZeRO
-    partitions). Call it with gradients present (after a backward)."""
+    partitions, FSDP2's unsharded gradients under accumulation). Call it with gradients present
+    (after a backward)."""
     module = strategy.unwrap(model) if strategy is not None else model
     module = getattr(module, "module", module)  # DDP, DeepSpeed engine
     seen: set = set()
     params = list(module.parameters())
     local_params = [getattr(p, "ds_tensor", p) for p in params]
     out = {"parameters": _add(local_params, seen)}
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params] + list(_fsdp_unsharded_grads(module))
     grads.append(getattr(optimizer, "grad_partitions_flat_buffer", None))  # ZeRO-3's gradient partitions
     grads += list(getattr(optimizer, "averaged_gradients", {}).values()) if isinstance(
         getattr(optimizer, "averaged_gradients", None), dict) else []
@@ -550,12 +576,17 @@ def predicted_loaded(cfg: FtdistConfig, world: int, rank: int, m: ModelState | N
 
 
 def predicted_model_state(cfg: FtdistConfig, world: int, m: ModelState | None = None) -> dict[str, float]:
-    """The plan's per-rank bytes of what measure_model_state counts (parameters include adapters)."""
+    """The plan's per-rank bytes of what measure_model_state counts (parameters include adapters),
+    in GPU and CPU memory together: offloaded state is still this rank's."""
     m = m or model_state(cfg)
     c = _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
-    gpu = memory(c, m)["gpu"]
-    return {"parameters": gpu["parameters"] + gpu["lora"], "gradients": gpu["gradients"],
-            "optimizer": gpu["optimizer"], "quant_constants": gpu["quant_constants"]}
+    mem = memory(c, m)
+
+    def held(part: str) -> float:
+        return mem["gpu"][part] + mem["cpu_parts"].get(part, 0.0)
+
+    return {"parameters": held("parameters") + held("lora"), "gradients": held("gradients"),
+            "optimizer": held("optimizer"), "quant_constants": held("quant_constants")}
 
 
 # --- command line -----------------------------------------------------------------------------

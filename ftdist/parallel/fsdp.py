@@ -109,7 +109,11 @@ class FSDPStrategy(DistributedStrategy):
 
     @contextlib.contextmanager
     def no_sync(self, model: FSDPModule):
-        # Accumulate unsharded-free: skip the reduce-scatter until the last micro-batch.
+        if not self.cfg.accumulate_unsharded:
+            # Reduce-scatter every micro-batch: the sharded gradients accumulate, and no rank ever
+            # holds a whole model's gradients (FSDP2 would keep them unsharded, in fp32, until sync).
+            yield
+            return
         model.set_requires_gradient_sync(False)
         try:
             yield

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from ftdist.config import load_config, register_schemas
 from ftdist.data.prepare import prepare_data
 from ftdist.model.loading import load_model, load_tokenizer
+from ftdist.objectives import sft_loss_sum
 from ftdist.parallel import build_strategy
 from ftdist.plan import measure_loaded, measure_model_state, predicted_loaded, predicted_model_state
 from ftdist.train import CONF_DIR, seed_everything
@@ -42,8 +43,21 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         loaded_bytes = measure_loaded(loaded.model)
         trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train, val, out_dir)
         trainer.train_step()  # optimizer state now exists; the step freed the gradients
-        trainer.forward_backward(trainer.step_batches(trainer.step))  # gradients again, as at every step's peak
-        measured = {**measure_model_state(trainer.model, trainer.optimizer, strategy), "loaded": loaded_bytes}
+        # The first of the step's micro-batches, as the trainer runs it: gradients held between
+        # micro-batches (DDP and ZeRO-1 unreduced, FSDP sharded unless accumulate_unsharded).
+        batches = trainer.step_batches(trainer.step)
+        assert len(batches) > 1, "measure mid-accumulation: set train.grad_accum_steps > 1"
+        first = batches[0].to(trainer.device)
+        with strategy.no_sync(trainer.model):
+            strategy.backward(trainer.model, sft_loss_sum(trainer.logits(trainer.model, first), first.labels))
+        accumulating = measure_model_state(trainer.model, trainer.optimizer, strategy)
+        # The rest of the step (its micro-batches once more; accumulating onto the first is harmless
+        # here): the gradients as reduced on the last micro-batch.
+        trainer.forward_backward(batches)
+        reduced = measure_model_state(trainer.model, trainer.optimizer, strategy)
+        # What the plan sizes is the larger of the two.
+        measured = {part: max(accumulating[part], reduced[part]) for part in reduced}
+        measured["loaded"] = loaded_bytes
         record = {"rank": strategy.rank, "world_size": strategy.world_size, "measured": measured, "predicted": predicted}
         (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(record) + "\n")
         strategy.barrier()

@@ -37,6 +37,11 @@ def full_runs(tmp_path_factory):
     run_train([*FULL, "train.grad_accum_steps=2", f"output_dir={root}/single"])
     run_train([*FULL, "strategy=fsdp", f"output_dir={root}/fsdp"], nproc=2)
     run_train([*FULL, "strategy=fsdp", "train.mixed_precision=bf16", f"output_dir={root}/fsdp_bf16"], nproc=2)
+    # The same global batch as 2 micro-batches of 1 per rank: reduce-scattered every micro-batch
+    # (the default), and once per step (accumulate_unsharded).
+    accum = [*FULL, "strategy=fsdp", "train.micro_batch_size=1", "train.grad_accum_steps=2"]
+    run_train([*accum, f"output_dir={root}/fsdp_accum"], nproc=2)
+    run_train([*accum, "strategy.accumulate_unsharded=true", f"output_dir={root}/fsdp_accum_unsharded"], nproc=2)
     return root
 
 
@@ -59,6 +64,17 @@ def test_fsdp_losses_equal_single_process(full_runs):
     assert len(fsdp_eval) == len(single_eval) == 3
     for a, b in zip(single_eval, fsdp_eval):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("run", ["fsdp_accum", "fsdp_accum_unsharded"])
+def test_fsdp_gradient_accumulation_equals_single_process(full_runs, run):
+    single, _ = read_metrics(full_runs / "single")
+    accumulated, _ = read_metrics(full_runs / run)
+    assert len(accumulated) == len(single) == 5
+    for a, b in zip(single, accumulated):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["tokens"] == a["tokens"]
 
 
 def test_fsdp_bf16_mixed_precision_tracks_fp32_and_keeps_fp32_weights(full_runs):

@@ -15,35 +15,40 @@ import pytest
 from helpers import FAST, REPO, run_env
 
 WORKER = Path(__file__).with_name("plan_model_state_worker.py")
-STEP = [*FAST, "train.max_steps=2", "train.micro_batch_size=2", "train.save_final=false"]
+STEP = [*FAST, "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.save_final=false"]
 LAYOUTS = {
+    "single": ["strategy=single"],
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
+    "fsdp_accumulate_unsharded": ["strategy=fsdp", "strategy.accumulate_unsharded=true"],
+    "zero1": ["strategy=zero1"],
     "zero3": ["strategy=zero3"],
+    "zero3_offload": ["strategy=zero3_offload"],  # partitions in CPU memory: counted where they are
     "fsdp_lora": ["strategy=fsdp", "peft=lora", "peft.dropout=0"],
     "fsdp_qlora": ["strategy=fsdp", "peft=qlora", "peft.dropout=0"],
 }
 
 
-def measure(tmp_path: Path, overrides: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def measure(tmp_path: Path, overrides: list[str], nproc: int) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), str(tmp_path), *STEP, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_predicted_model_state_matches_each_rank(tmp_path, layout):
-    ranks = measure(tmp_path, LAYOUTS[layout])
+    nproc = 1 if layout == "single" else 2
+    ranks = measure(tmp_path, LAYOUTS[layout], nproc)
     parts = ["parameters", "gradients", "optimizer"] + (["quant_constants"] if "qlora" in layout else [])
     for record in ranks:
-        assert record["world_size"] == 2
+        assert record["world_size"] == nproc
         for part in parts:
             measured, predicted = record["measured"][part], record["predicted"][part]
             assert measured > 0, (layout, part, record)
             assert predicted == pytest.approx(measured, rel=0.05), (layout, part, record)
-        if layout != "zero3":  # on CPU, zero.Init's partitions are in the memory the plan calls the GPU's
+        if not layout.startswith("zero3"):  # on CPU, zero.Init's partitions are in the memory the plan calls the GPU's
             measured, predicted = record["measured"]["loaded"], record["predicted"]["loaded"]
             assert predicted == pytest.approx(measured, rel=0.05), (layout, "loaded", record)
     if layout.startswith("fsdp"):

@@ -109,6 +109,7 @@ def test_cross_field_checks_name_the_key(override, key):
         (["strategy=fsdp", "strategy.offload_params=true"], "needs DeepSpeed ZeRO stage 3"),
         (["strategy=zero2", "strategy.offload_params=true"], "needs DeepSpeed ZeRO stage 3"),
         (["strategy=zero3", "strategy.cpu_offload=true"], "is an FSDP option"),
+        (["strategy=ddp", "strategy.accumulate_unsharded=true"], "accumulate_unsharded=true is an FSDP option"),
         (["strategy=fsdp", "strategy.offload_optimizer=true"], "is a DeepSpeed option"),
         (["strategy=zero3", "strategy.zero_stage=4"], "strategy.zero_stage"),
         (["peft=lora", "peft.target_modules=[]"], "peft.target_modules is empty"),

@@ -222,3 +222,18 @@ def test_plan_json_has_every_part(capsys):
                                          "activations", "communication", "workspace"}
     assert plan["world_size"] == 1 and plan["breakdown_gb"]["workspace"] == 2.0
     assert plan["breakdown_gb"]["parameters"] * GIB == pytest.approx(plan["params"]["total"] * 4)
+
+
+def test_fsdp_unsharded_accumulation_holds_whole_fp32_gradients():
+    # Full fine-tuning of a bf16 8B model on 8 ranks with 8 micro-batches a step: by default FSDP
+    # reduce-scatters every micro-batch (gradients 1/8, bf16); accumulate_unsharded keeps every
+    # gradient whole, in fp32 (FSDP2's reduce dtype), until the last micro-batch.
+    common = ["+experiment=llama8b_lora_fsdp", "peft=none", "plan.json=true"]
+    sharded = main(common)
+    whole = main([*common, "strategy.accumulate_unsharded=true"])
+    n = sharded["params"]["trainable"]
+    assert sharded["breakdown_gb"]["gradients"] == pytest.approx(n * 2 / 8 / GIB)
+    assert whole["breakdown_gb"]["gradients"] == pytest.approx(n * 4 / GIB)
+    # One micro-batch per step: nothing is held between micro-batches.
+    single_micro = main([*common, "strategy.accumulate_unsharded=true", "train.grad_accum_steps=1"])
+    assert single_micro["breakdown_gb"]["gradients"] == sharded["breakdown_gb"]["gradients"]
