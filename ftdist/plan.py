@@ -329,18 +329,24 @@ def suggest(cfg: FtdistConfig, m: ModelState) -> dict | None:
 
 
 def speed(cfg: FtdistConfig, m: ModelState, world: int) -> dict:
-    from ftdist.metrics import GPU_PEAK_FLOPS
+    from ftdist.metrics import GPU_PEAK_FLOPS, attention_flops_per_pair, causal_pairs
 
     t = cfg.train
     peak = GPU_PEAK_FLOPS[cfg.cluster.gpu.upper()]
-    tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * cfg.data.max_seq_len
-    # Checkpointing recomputes each layer's forward in backward: 2N more FLOPs the GPU spends,
-    # which MFU (model FLOPs) does not credit.
-    recompute = 2.0 * m.matmul_params if cfg.model.gradient_checkpointing else 0.0
-    step_s = tokens_per_rank * (m.flops_per_token + recompute) / (peak * cfg.plan.mfu)
+    seq = cfg.data.max_seq_len
+    tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * seq
+    # The causal attention term as the trainer's `mfu` counts it, for rows that are one document
+    # each: the most attention work a row can hold (packed shorter documents do less).
+    attention = attention_flops_per_pair(m.config) * causal_pairs(seq) / seq
+    # Checkpointing recomputes each layer's forward in backward: 2N more FLOPs (and a third of
+    # the attention term) the GPU spends, which MFU (model FLOPs) does not credit.
+    recompute = 2.0 * m.matmul_params + attention / 3 if cfg.model.gradient_checkpointing else 0.0
+    model_flops = m.flops_per_token + attention
+    step_s = tokens_per_rank * (model_flops + recompute) / (peak * cfg.plan.mfu)
     return {
         "gpu": cfg.cluster.gpu, "peak_tflops": peak / 1e12, "mfu": cfg.plan.mfu,
-        "flops_per_token": m.flops_per_token, "recompute_flops_per_token": recompute,
+        "flops_per_token": model_flops, "matmul_flops_per_token": m.flops_per_token,
+        "attention_flops_per_token": attention, "recompute_flops_per_token": recompute,
         "tokens_per_step": tokens_per_rank * world, "step_time_s": step_s,
         "tokens_per_s": tokens_per_rank * world / step_s, "tokens_per_s_per_gpu": tokens_per_rank / step_s,
     }
@@ -476,7 +482,8 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
     lines.append(
         f"speed at MFU {sp['mfu']:g} of {sp['peak_tflops']:.0f} TFLOP/s bf16 peak: step {sp['step_time_s']:.2f} s for "
         f"{sp['tokens_per_step']:,} tokens, {sp['tokens_per_s']:,.0f} tokens/s ({sp['tokens_per_s_per_gpu']:,.0f} per GPU); "
-        f"{sp['flops_per_token'] / 1e9:.1f} GFLOP/token (6N trained, 4N frozen, no attention term)"
+        f"{sp['flops_per_token'] / 1e9:.1f} GFLOP/token (6N trained, 4N frozen, "
+        f"+ {sp['attention_flops_per_token'] / 1e9:.1f} causal attention over whole {d.max_seq_len}-token rows)"
         + (f" + {sp['recompute_flops_per_token'] / 1e9:.1f} recomputed" if sp["recompute_flops_per_token"] else "")
     )
     lines.append("assumptions: bf16 compute on the GPU (unless train.mixed_precision=none with model.dtype=fp32); "

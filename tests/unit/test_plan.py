@@ -127,9 +127,15 @@ def test_speed_from_flops_and_mfu():
     sp = plan["speed"]
     n = plan["params"]["total"]
     assert sp["peak_tflops"] == 312
-    # 6N per token (the input embedding does no matmul), + 2N recomputed under checkpointing.
+    # 6N per token (the input embedding does no matmul), + causal attention over a whole 4096-token
+    # row: 80 layers x 64 query heads x 128 wide, 12 FLOPs per (query, key) pair and width, 4096 x
+    # 4097 / 2 pairs over 4096 tokens; + 2N and a third of the attention recomputed under checkpointing.
     emb = 128256 * 8192
-    assert sp["flops_per_token"] == pytest.approx(6 * (n - emb), rel=1e-3)
+    attention = 12 * 80 * 64 * 128 * 4097 / 2
+    assert sp["matmul_flops_per_token"] == pytest.approx(6 * (n - emb), rel=1e-3)
+    assert sp["attention_flops_per_token"] == pytest.approx(attention)
+    assert sp["flops_per_token"] == pytest.approx(6 * (n - emb) + attention, rel=1e-3)
+    assert sp["recompute_flops_per_token"] == pytest.approx(2 * (n - emb) + attention / 3, rel=1e-3)
     tokens = 1 * 4 * 4096  # micro x accum x seq, per GPU
     step = tokens * (sp["flops_per_token"] + sp["recompute_flops_per_token"]) / (312e12 * 0.5)
     assert sp["step_time_s"] == pytest.approx(step)
