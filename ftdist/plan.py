@@ -74,6 +74,7 @@ class ModelState:
     layer_trainable: int  # largest unit's trained parameters
     root_trainable: int
     largest_param: int
+    optimizer_groups: list[list[int]]  # trained parameters' sizes, in the optimizer's groups and order
     matmul_params: int  # per-token matmul parameters (ftdist.metrics' FLOPs count)
     flops_per_token: float
 
@@ -115,9 +116,35 @@ def model_state(cfg: FtdistConfig, built=None) -> ModelState:
         layer_trainable=sum(p.numel() for p in biggest if p.requires_grad),
         root_trainable=sum(p.numel() for p in root if p.requires_grad),
         largest_param=max(p.numel() for p in params),
+        optimizer_groups=[[p.numel() for p in group] for group in optimizer_groups(trainable)],
         matmul_params=matmul_params(model),
         flops_per_token=train_flops_per_token(model),
     )
+
+
+def optimizer_groups(trainable: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """ftdist.trainer.build_optimizer's groups: weight-decayed matrices, then norms and biases."""
+    return [[p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2]]
+
+
+def zero_gradient_partitions(groups: list[list[int]], world: int) -> list[int]:
+    """Elements of DeepSpeed ZeRO-1/2's gradient partition buffer on each rank (contiguous
+    gradients, its default). Each group is flattened, padded to a multiple of 2 x world and cut
+    into equal slices, but the buffer holds every parameter that overlaps the rank's slice whole,
+    so a parameter straddling a boundary counts on both ranks (DeepSpeed 0.19's stage_1_and_2)."""
+    per_rank = [0] * world
+    for sizes in groups:
+        if not sizes:
+            continue
+        alignment = 2 * world
+        part = math.ceil(sum(sizes) / alignment) * alignment // world
+        for rank in range(world):
+            start, end, offset = rank * part, (rank + 1) * part, 0
+            for n in sizes:
+                if start <= offset < end or offset < start < offset + n:
+                    per_rank[rank] += n
+                offset += n
+    return per_rank
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -224,11 +251,17 @@ def activations(cfg: FtdistConfig, m: ModelState, checkpointing: bool) -> float:
     return activation_bytes(c, m.config, m.census)
 
 
-def memory(cfg: FtdistConfig, m: ModelState) -> dict:
-    """Per-rank GPU bytes by part, CPU bytes per rank, and the notes behind them."""
+def memory(cfg: FtdistConfig, m: ModelState, rank: int | None = None) -> dict:
+    """GPU bytes by part on `rank` (None: the rank that holds most), CPU bytes per rank, and the
+    notes behind them."""
     world = cfg.cluster.nodes * cfg.cluster.gpus_per_node if cfg.strategy.name != "single" else 1
     lay = layout(cfg, world)
     full = state_bytes(cfg, m)
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 2:
+        # Uneven: each rank's buffer holds the parameters straddling its slice whole.
+        buffers = zero_gradient_partitions(m.optimizer_groups, world)
+        elements = max(buffers) if rank is None else buffers[rank]
+        full["gradients"] = elements * world * full["gradients"] / max(m.trainable, 1)
     placement = {
         "parameters": (lay.param_shards, lay.params_on_cpu),
         "lora": (lay.param_shards, lay.params_on_cpu),
@@ -582,12 +615,14 @@ def predicted_loaded(cfg: FtdistConfig, world: int, rank: int, m: ModelState | N
     return load["host_rank0"] if rank == 0 else load["host_other_rank"]
 
 
-def predicted_model_state(cfg: FtdistConfig, world: int, m: ModelState | None = None) -> dict[str, float]:
+def predicted_model_state(
+    cfg: FtdistConfig, world: int, m: ModelState | None = None, rank: int | None = None
+) -> dict[str, float]:
     """The plan's per-rank bytes of what measure_model_state counts (parameters include adapters),
     in GPU and CPU memory together: offloaded state is still this rank's."""
     m = m or model_state(cfg)
     c = _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
-    mem = memory(c, m)
+    mem = memory(c, m, rank)
 
     def held(part: str) -> float:
         return mem["gpu"][part] + mem["cpu_parts"].get(part, 0.0)

@@ -31,7 +31,7 @@ def main(out_dir: Path, overrides: list[str]) -> None:
     cfg = load_config(dcfg)
     # Before loading: under ZeRO-3, transformers builds every later model inside zero.Init.
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    predicted = predicted_model_state(cfg, world)
+    predicted = predicted_model_state(cfg, world, rank=rank)
     predicted["loaded"] = predicted_loaded(cfg, world, rank)
     strategy = build_strategy(cfg.strategy)
     try:

@@ -22,6 +22,7 @@ LAYOUTS = {
     "fsdp": ["strategy=fsdp"],
     "fsdp_accumulate_unsharded": ["strategy=fsdp", "strategy.accumulate_unsharded=true"],
     "zero1": ["strategy=zero1"],
+    "zero2": ["strategy=zero2"],  # uneven: straddling parameters count on both ranks
     "zero3": ["strategy=zero3"],
     "zero3_offload": ["strategy=zero3_offload"],  # partitions in CPU memory: counted where they are
     "fsdp_lora": ["strategy=fsdp", "peft=lora", "peft.dropout=0"],

@@ -21,6 +21,7 @@ from ftdist.plan import (
     nf4_bytes_per_param,
     nf4_constant_bytes,
     state_bytes,
+    zero_gradient_partitions,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -243,3 +244,13 @@ def test_fsdp_unsharded_accumulation_holds_whole_fp32_gradients():
     # One micro-batch per step: nothing is held between micro-batches.
     single_micro = main([*common, "strategy.accumulate_unsharded=true", "train.grad_accum_steps=1"])
     assert single_micro["breakdown_gb"]["gradients"] == sharded["breakdown_gb"]["gradients"]
+
+
+def test_zero2_gradient_buffers_hold_straddling_parameters_whole():
+    # One group of 10 + 6 elements on 2 ranks: slices [0, 8) and [8, 16). The 10-element parameter
+    # overlaps both, so both buffers hold all of it; rank 1 also holds the 6.
+    assert zero_gradient_partitions([[10, 6]], 2) == [10, 16]
+    # Padded to a multiple of 2 x world = 4: 13 elements become slices of 8 (the 9 straddles), and
+    # the second group's 3 become slices of 2 (it straddles too); groups add up.
+    assert zero_gradient_partitions([[4, 9], [3]], 2) == [4 + 9 + 3, 9 + 3]
+    assert zero_gradient_partitions([[8, 8], []], 2) == [8, 8]
