@@ -305,6 +305,10 @@ def _with(cfg: FtdistConfig, overrides: dict[str, object]) -> FtdistConfig:
     return c
 
 
+def _on_one_node(cfg: FtdistConfig, world: int) -> FtdistConfig:
+    return _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
+
+
 def _render(overrides: dict[str, object]) -> list[str]:
     if overrides.get("strategy.offload_params") and overrides.get("strategy.zero_stage") == 3:
         rest = {k: v for k, v in overrides.items() if not k.startswith("strategy.")}
@@ -607,12 +611,12 @@ def measure_loaded(model: torch.nn.Module) -> int:
     return _add([p for p in model.parameters() if not p.is_meta], seen) + _add(_quant_tensors(model), seen)
 
 
-def predicted_loaded(cfg: FtdistConfig, world: int, rank: int, m: ModelState | None = None) -> float:
-    """The plan's bytes of what measure_loaded counts, on `rank` of `world` ranks on one node."""
+def predicted_loading(cfg: FtdistConfig, world: int, m: ModelState | None = None) -> dict:
+    """The plan's loading figures (see `loading`) for `world` ranks on one node: host_rank0 and
+    host_other_rank are what measure_loaded counts on those ranks."""
     m = m or model_state(cfg)
-    c = _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
-    load = loading(c, m, memory(c, m))
-    return load["host_rank0"] if rank == 0 else load["host_other_rank"]
+    c = _on_one_node(cfg, world)
+    return loading(c, m, memory(c, m))
 
 
 def predicted_model_state(
@@ -621,7 +625,7 @@ def predicted_model_state(
     """The plan's per-rank bytes of what measure_model_state counts (parameters include adapters),
     in GPU and CPU memory together: offloaded state is still this rank's."""
     m = m or model_state(cfg)
-    c = _with(cfg, {"cluster.nodes": 1, "cluster.gpus_per_node": world})
+    c = _on_one_node(cfg, world)
     mem = memory(c, m, rank)
 
     def held(part: str) -> float:

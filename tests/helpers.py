@@ -47,7 +47,7 @@ def train_cmd(nproc: int | None, overrides: list[str]) -> list[str]:
 
 def run_train(overrides: list[str], nproc: int | None = None, check: bool = True, timeout: int = 600):
     proc = subprocess.run(
-        train_cmd(nproc, overrides), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout
+        train_cmd(nproc, overrides), check=False, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -86,3 +86,65 @@ def assert_same_final_weights(expected_run: Path, actual_run: Path, rtol: float 
     for name in a:
         assert b[name].dtype == a[name].dtype, name
         torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
+
+
+# --- torchrun workers (tests/dist/*_worker.py, tests/gpu/*_worker.py) -----------------------------
+
+
+def worker_config(out_dir: Path, overrides: list[str]):
+    """The typed config a worker's run uses, composed as ftdist.train composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from ftdist.config import load_config, register_schemas
+    from ftdist.train import CONF_DIR
+
+    register_schemas()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return load_config(compose("config", overrides=[*overrides, f"output_dir={out_dir}"]))
+
+
+class WorkerRun:
+    """ftdist.train's set-up inside a torchrun worker: strategy, seed, data; the strategy is shut
+    down on leaving. `load()` loads the model as ftdist.train does."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __enter__(self):
+        from ftdist.data.prepare import prepare_data
+        from ftdist.model.loading import load_tokenizer
+        from ftdist.parallel import build_strategy
+        from ftdist.train import seed_everything
+
+        cfg = self.cfg
+        self.strategy = build_strategy(cfg.strategy)
+        try:
+            seed_everything(cfg.seed)
+            self.train, self.val, _ = prepare_data(cfg.data, load_tokenizer(cfg.model), cfg.seed)
+        except BaseException:
+            self.strategy.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.strategy.shutdown()
+
+    def load(self):
+        from ftdist.model.loading import load_model
+        from ftdist.trainer import use_bf16
+
+        cfg, strategy = self.cfg, self.strategy
+        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
+            return load_model(cfg.model, strategy.device, cfg.peft, strategy)
+
+    def trainer(self, loaded, out_dir: Path):
+        from ftdist.trainer import Trainer
+
+        return Trainer(self.cfg, self.strategy, loaded.model, loaded.tokenizer, self.train, self.val, out_dir)
+
+
+def worker_main(main) -> None:
+    """`python WORKER.py OUT_DIR override ...` under torchrun: main(OUT_DIR, overrides)."""
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    main(out, sys.argv[2:])

@@ -12,36 +12,26 @@ import os
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from ftdist.config import load_config, register_schemas
-from ftdist.data.prepare import prepare_data
-from ftdist.model.loading import load_model, load_tokenizer
+from helpers import WorkerRun, worker_config, worker_main
+
 from ftdist.objectives import sft_loss_sum
-from ftdist.parallel import build_strategy
-from ftdist.plan import measure_loaded, measure_model_state, predicted_loaded, predicted_model_state
-from ftdist.train import CONF_DIR, seed_everything
-from ftdist.trainer import Trainer, use_bf16
+from ftdist.plan import measure_loaded, measure_model_state, predicted_loading, predicted_model_state
 
 
 def main(out_dir: Path, overrides: list[str]) -> None:
-    register_schemas()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
-    cfg = load_config(dcfg)
+    cfg = worker_config(out_dir, overrides)
     # Before loading: under ZeRO-3, transformers builds every later model inside zero.Init.
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     predicted = predicted_model_state(cfg, world, rank=rank)
-    predicted["loaded"] = predicted_loaded(cfg, world, rank)
-    strategy = build_strategy(cfg.strategy)
-    try:
-        seed_everything(cfg.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        train, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
-        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
-            loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+    loading = predicted_loading(cfg, world)
+    predicted["loaded"] = loading["host_rank0"] if rank == 0 else loading["host_other_rank"]
+    with WorkerRun(cfg) as run:
+        strategy = run.strategy
+        loaded = run.load()
         loaded_bytes = measure_loaded(loaded.model)
-        trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train, val, out_dir)
+        trainer = run.trainer(loaded, out_dir)
         trainer.train_step()  # optimizer state now exists; the step freed the gradients
         # The first of the step's micro-batches, as the trainer runs it: gradients held between
         # micro-batches (DDP and ZeRO-1 unreduced, FSDP sharded unless accumulate_unsharded).
@@ -61,11 +51,7 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         record = {"rank": strategy.rank, "world_size": strategy.world_size, "measured": measured, "predicted": predicted}
         (out_dir / f"rank{strategy.rank}.json").write_text(json.dumps(record) + "\n")
         strategy.barrier()
-    finally:
-        strategy.shutdown()
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    main(out, sys.argv[2:])
+    worker_main(main)

@@ -7,21 +7,18 @@ usage: torchrun --nproc_per_node 1 qlora_loading_worker.py OUT_DIR override ...
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from ftdist.config import load_config, register_schemas
-from ftdist.data.prepare import prepare_data
-from ftdist.model.loading import load_model, load_tokenizer, resolve_model_path
-from ftdist.parallel import build_strategy
-from ftdist.plan import GIB, loading, memory, model_state
-from ftdist.train import CONF_DIR, seed_everything
-from ftdist.trainer import Trainer, use_bf16
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
+from helpers import WorkerRun, worker_config, worker_main
+
+from ftdist.model.loading import resolve_model_path
+from ftdist.plan import GIB, model_state, predicted_loading
 
 
 def gpu_quantized_reference(model_path: str, name: str, like, device: str = "cuda") -> bool:
@@ -41,24 +38,12 @@ def gpu_quantized_reference(model_path: str, name: str, like, device: str = "cud
 
 
 def main(out_dir: Path, overrides: list[str]) -> None:
-    register_schemas()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=[*overrides, f"output_dir={out_dir}"])
-    cfg = load_config(dcfg)
-    strategy = build_strategy(cfg.strategy)
-    try:
-        seed_everything(cfg.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        train, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
-        m = model_state(cfg)
-        plan_cfg = copy.deepcopy(cfg)
-        plan_cfg.cluster.nodes, plan_cfg.cluster.gpus_per_node = 1, 1
-        mem = memory(plan_cfg, m)
-        predicted = loading(plan_cfg, m, mem)
-
+    cfg = worker_config(out_dir, overrides)
+    m = model_state(cfg)
+    predicted = predicted_loading(cfg, 1, m)
+    with WorkerRun(cfg) as run:
         torch.cuda.reset_peak_memory_stats()
-        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
-            loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+        loaded = run.load()
         load_peak = torch.cuda.max_memory_allocated()
         params = dict(loaded.model.named_parameters())
         quantized = {n: p for n, p in params.items() if type(p).__name__ == "Params4bit"}
@@ -73,18 +58,14 @@ def main(out_dir: Path, overrides: list[str]) -> None:
             "allocated_after_load": torch.cuda.memory_allocated(),
         }
         torch.cuda.reset_peak_memory_stats()
-        trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train, val, out_dir)
+        trainer = run.trainer(loaded, out_dir)
         record["shard_peak"] = torch.cuda.max_memory_allocated()
         record["losses"] = [trainer.train_step()["loss"] for _ in range(3)]
         record["predicted_load_gpu_without_workspace"] = predicted["gpu"] - cfg.plan.workspace_gb * GIB
         record["unit_stored_bytes"] = m.unit_stored_bytes
         record["whole_model_bytes"] = m.base_bytes + m.adapter_bytes + m.quant_constant_bytes
         (out_dir / "record.json").write_text(json.dumps(record) + "\n")
-    finally:
-        strategy.shutdown()
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    main(out, sys.argv[2:])
+    worker_main(main)
