@@ -116,9 +116,18 @@ class RowEncoder:
     # --- chat-template rendering -----------------------------------------------------------
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        from jinja2 import TemplateError, TemplateSyntaxError
+
         try:
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 (templates raise their own errors, e.g. role order)
+        except TemplateSyntaxError as e:  # the template itself is broken: every row would fail
+            raise DataError(f"the tokenizer's chat template does not compile: {e.message} (template line {e.lineno})")
+        except TemplateError as e:
+            # Only what the template raises on purpose (raise_exception: role order, a missing
+            # system turn) says this row is wrong. Any other error, jinja's subclasses included
+            # (an undefined variable), is a bug of the template, the tokenizer or ftdist: it propagates.
+            if type(e) is not TemplateError:
+                raise
             raise BadRow("template_error", f"the chat template rejected the messages: {e}") from None
         return self.ids(text)
 

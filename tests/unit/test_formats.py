@@ -215,3 +215,25 @@ def test_optional_input_of_wrong_type_is_a_bad_row(tiny_tokenizer):
     encoder = RowEncoder(make_cfg(fields=DataFields(input="context")), tiny_tokenizer)
     with pytest.raises(BadRow, match="field 'context' must be a string, got number"):
         encoder({"prompt": "p", "response": "r", "context": 1})
+
+
+def test_template_error_that_is_not_the_templates_own_propagates(plain_tokenizer):
+    # An undefined variable is jinja's error (a TemplateError subclass), not the template
+    # rejecting the row on purpose: a bug to fix, not a bad row to count.
+    plain_tokenizer.chat_template = "{{ nothing.here }}"
+    with pytest.raises(Exception) as info:
+        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+    assert not isinstance(info.value, (BadRow, DataError))
+    assert type(info.value).__name__ == "UndefinedError"
+
+
+def test_any_other_exception_while_rendering_propagates(plain_tokenizer):
+    plain_tokenizer.chat_template = "{{ messages[0]['content'] + 1 }}"  # str + int: a TypeError
+    with pytest.raises(TypeError):
+        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+
+
+def test_template_that_does_not_compile_is_a_data_error_not_a_bad_row(plain_tokenizer):
+    plain_tokenizer.chat_template = "{% for m in messages %}{{ m.content }}"  # no endfor
+    with pytest.raises(DataError, match="chat template does not compile"):
+        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
