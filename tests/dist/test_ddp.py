@@ -24,12 +24,12 @@ def test_ddp_losses_equal_single_process(runs, reference):
     single, single_eval = read_metrics(runs / reference)
     ddp, ddp_eval = read_metrics(runs / "ddp")
     assert [r["step"] for r in ddp] == list(range(1, 7))
-    for a, b in zip(single, ddp):
+    for a, b in zip(single, ddp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["tokens"] == a["tokens"] and b["label_tokens"] == a["label_tokens"]
     assert len(single_eval) == len(ddp_eval) == 3  # start, step 3, end
-    for a, b in zip(single_eval, ddp_eval):
+    for a, b in zip(single_eval, ddp_eval, strict=True):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
 
 

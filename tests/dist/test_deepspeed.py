@@ -113,13 +113,13 @@ def test_losses_and_grad_norms_equal_single_process(root, run):
     single, single_eval = read_metrics(root / "single")
     ds, ds_eval = read_metrics(run)
     assert [r["step"] for r in ds] == list(range(1, STEPS + 1))
-    for a, b in zip(single, ds):
+    for a, b in zip(single, ds, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)  # the schedule steps once per global step
         assert b["tokens"] == a["tokens"] and b["label_tokens"] == a["label_tokens"]
     assert [r["step"] for r in ds_eval] == [r["step"] for r in single_eval] == [0, 3, STEPS]
-    for a, b in zip(single_eval, ds_eval):
+    for a, b in zip(single_eval, ds_eval, strict=True):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
 
 

@@ -57,12 +57,12 @@ def test_fsdp_losses_equal_single_process(full_runs):
     single, single_eval = read_metrics(full_runs / "single")
     fsdp, fsdp_eval = read_metrics(full_runs / "fsdp")
     assert [r["step"] for r in fsdp] == list(range(1, 6))
-    for a, b in zip(single, fsdp):
+    for a, b in zip(single, fsdp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["tokens"] == a["tokens"]
     assert len(fsdp_eval) == len(single_eval) == 3
-    for a, b in zip(single_eval, fsdp_eval):
+    for a, b in zip(single_eval, fsdp_eval, strict=True):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_fsdp_gradient_accumulation_equals_single_process(full_runs, run):
     single, _ = read_metrics(full_runs / "single")
     accumulated, _ = read_metrics(full_runs / run)
     assert len(accumulated) == len(single) == 5
-    for a, b in zip(single, accumulated):
+    for a, b in zip(single, accumulated, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["tokens"] == a["tokens"]
@@ -83,7 +83,7 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32_and_keeps_fp32_weights(full_runs)
     single, _ = read_metrics(full_runs / "single")
     bf16, _ = read_metrics(full_runs / "fsdp_bf16")
     assert len(bf16) == len(single)
-    for a, b in zip(single, bf16):
+    for a, b in zip(single, bf16, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=5e-3), (a, b)
         assert b["loss"] != a["loss"]  # it did compute in bf16
     weights = load_file(full_runs / "fsdp_bf16" / "final" / "model.safetensors")
@@ -121,7 +121,7 @@ def test_saved_adapter_is_complete_and_trained(peft_runs, name):
 def test_ddp_qlora_losses_equal_single_process(peft_runs):
     single, _ = read_metrics(peft_runs / "single_qlora")
     ddp, _ = read_metrics(peft_runs / "ddp_qlora")
-    for a, b in zip(single, ddp):
+    for a, b in zip(single, ddp, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
 
 

@@ -22,7 +22,7 @@ def test_bf16_autocast_matches_fp32_on_cuda(tmp_path):
     run_train([*common, "train.mixed_precision=auto", f"output_dir={tmp_path}/bf16"])
     fp32, _ = read_metrics(tmp_path / "fp32")
     bf16, _ = read_metrics(tmp_path / "bf16")
-    for a, b in zip(fp32, bf16):
+    for a, b in zip(fp32, bf16, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-2), (a["step"], a["loss"], b["loss"])
     assert all(r["peak_mem_gb"] > 0 and 0 < r["mfu"] < 1 for r in bf16)
 
