@@ -98,7 +98,7 @@ def run_deepspeed(name: str, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    pytest.importorskip("deepspeed")
+    import deepspeed  # noqa: F401 - the dev extra installs it: missing fails, never skips
     root = tmp_path_factory.mktemp("deepspeed")
     run_train([*COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2", f"output_dir={root}/single"])
     return root

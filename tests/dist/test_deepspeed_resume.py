@@ -65,7 +65,7 @@ def copy_first_half(src, dst) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    pytest.importorskip("deepspeed")
+    import deepspeed  # noqa: F401 - the dev extra installs it: missing fails, never skips
     root = tmp_path_factory.mktemp("deepspeed_resume")
     full, lora = [*BASE, f"output_dir={root}/full"], [*LORA, f"output_dir={root}/lora"]
     # Two runs at a time, each pair launched once what it needs exists.
