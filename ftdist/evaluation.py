@@ -6,7 +6,11 @@ instruction or chat data (`eval.exact_match_samples=N`).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 
 from ftdist.config import EvalConfig
 from ftdist.data.prepare import Example
@@ -60,18 +64,48 @@ def generate_responses(
     return out[: len(prompts)]
 
 
-def exact_match(model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy) -> tuple[float, float]:
-    """(correct, total) over the first `cfg.exact_match_samples` examples, summed over ranks."""
-    usable = [e for e in examples if e.prompt_ids is not None and e.reference is not None]
+def exact_match(
+    model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy, record_to: Path | None = None
+) -> tuple[float, float]:
+    """(correct, total) over the first `cfg.exact_match_samples` examples, summed over ranks.
+
+    record_to: rank 0 writes there one JSON line per evaluated example, in example order:
+    `index` (position in `examples`), `prompt`, `reference`, `response` (the generated text) and
+    `match`, so a score can be read example by example and checked."""
+    usable = [(i, e) for i, e in enumerate(examples) if e.prompt_ids is not None and e.reference is not None]
     usable = usable[: cfg.exact_match_samples]
     mine = usable[strategy.rank :: strategy.world_size]
-    correct = 0
+    records: list[dict] = []
     synced = None
     if strategy.shards_parameters:
         most = len(usable[0 :: strategy.world_size])  # rank 0 always has the most
         synced = -(-most // cfg.batch_size)
     if mine or synced:
-        texts = generate_responses(model, tokenizer, [e.prompt_ids for e in mine], cfg, strategy.device, synced)
-        correct = sum(t.strip() == e.reference.strip() for t, e in zip(texts, mine))
+        texts = generate_responses(model, tokenizer, [e.prompt_ids for _, e in mine], cfg, strategy.device, synced)
+        records = [
+            {
+                "index": i,
+                "prompt": tokenizer.decode(e.prompt_ids),
+                "reference": e.reference,
+                "response": t,
+                "match": t.strip() == e.reference.strip(),
+            }
+            for t, (i, e) in zip(texts, mine)
+        ]
+    correct = sum(r["match"] for r in records)
     total_correct, total = strategy.all_reduce_sum([correct, len(mine)])
+    if record_to is not None:
+        _write_records(records, Path(record_to), strategy)
     return total_correct, total
+
+
+def _write_records(records: list[dict], path: Path, strategy) -> None:
+    if strategy.world_size > 1:
+        # Every rank takes part in the gather; rank 0 alone receives and writes.
+        gathered = [None] * strategy.world_size if strategy.is_main else None
+        dist.gather_object(records, gathered, dst=0)
+        records = [r for part in gathered or [] for r in part]
+    if strategy.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["index"])]
+        path.write_text("".join(lines))

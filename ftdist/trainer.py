@@ -261,7 +261,8 @@ class Trainer:
         total_loss, total_count = self.strategy.all_reduce_sum([loss_sum, count])
         record = {"step": self.step, "eval_loss": total_loss / max(total_count, 1.0), "eval_label_tokens": int(total_count)}
         if with_generation and self.cfg.eval.exact_match_samples > 0:
-            correct, total = exact_match(model, self.tokenizer, self.val_examples, self.cfg.eval, self.strategy)
+            record_to = self.run_dir / "eval" / f"exact_match_step_{self.step:08d}.jsonl"
+            correct, total = exact_match(model, self.tokenizer, self.val_examples, self.cfg.eval, self.strategy, record_to)
             if total:
                 record["exact_match"] = correct / total
                 record["exact_match_n"] = int(total)
