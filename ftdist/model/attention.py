@@ -12,10 +12,22 @@ position ids alone, so every backend but a varlen kernel keeps documents apart e
 - flash_attention_2: no mask; transformers derives cu_seqlens from the restarting position ids.
 Padding positions form a "document" of their own (id -1), so no query row is fully masked
 (a fully masked row would give NaN, and NaN times a zero gradient is still NaN).
+
+Sliding-window models (Mistral, Qwen2 with use_sliding_window, Gemma 2/3) apply their window
+through the mask transformers builds, and a packed row replaces that mask, so every packed path
+adds the window itself, per document (a query sees itself and the window - 1 keys before it,
+as in transformers' `sliding_window_overlay`): per-document sdpa windows each document longer
+than the window (the layer's own `sliding_window` argument, so full-attention layers stay
+full); the eager, plain sdpa and flex masks add `q - k < window`, and models that mix full and
+sliding layers get one mask per layer type (the dict transformers' hybrid models accept);
+flash varlen needs nothing (transformers passes the layer's window to the kernel, which
+applies it within each sequence). Unpacked batches take the model's own mask path, window
+included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import torch
@@ -52,25 +64,30 @@ def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None:  # as transformers' sdpa refuses it (Gemma 2): never drop it silently
+        raise ValueError("sdpa attention does not support logit softcapping; use model.attn_implementation=eager")
     p = dropout if module.training else 0.0
     # cuDNN attention (torch's first choice on Hopper) builds a new plan for every sequence
     # length, and every document has its own: measured on an H200, packed steps ran 20x slower
     # than padded ones. Flash and memory-efficient kernels take any length as is.
     backends = PER_DOCUMENT_BACKENDS if query.is_cuda else ALL_BACKENDS
     with sdpa_kernel(backends):
-        return _per_document_sdpa(query, key, value, segments, scaling, p), None
+        return _per_document_sdpa(query, key, value, segments, scaling, p, kwargs.get("sliding_window")), None
 
 
-def _per_document_sdpa(query, key, value, segments, scaling, p):
+def _per_document_sdpa(query, key, value, segments, scaling, p, window=None):
     rows = []
     for b, row in enumerate(segments):
-        pieces = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1, :, s : s + n], key[b : b + 1, :, s : s + n], value[b : b + 1, :, s : s + n],
-                is_causal=True, scale=scaling, dropout_p=p, enable_gqa=True,
+        pieces = []
+        for s, n in row:
+            # A document no longer than the window is plain causal; a longer one gets an n x n mask.
+            mask = sliding_window_causal(n, window, query.device) if window is not None and n > window else None
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    query[b : b + 1, :, s : s + n], key[b : b + 1, :, s : s + n], value[b : b + 1, :, s : s + n],
+                    attn_mask=mask, is_causal=mask is None, scale=scaling, dropout_p=p, enable_gqa=True,
+                )
             )
-            for s, n in row
-        ]
         used = sum(n for _, n in row)
         if used < query.size(2):  # padding after the last document: no label, no attention
             pieces.append(query.new_zeros(1, query.size(1), query.size(2) - used, query.size(3)))
@@ -111,22 +128,54 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
-def block_diagonal_causal(document_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] boolean: query q may attend key k iff same document and k <= q."""
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+    """A model's sliding-window attention: a query sees itself and the `size` - 1 keys before it."""
+
+    size: int
+    every_layer: bool  # False: some layers attend to the whole causal context (Gemma 2/3, Qwen2)
+
+
+def sliding_window_of(config) -> SlidingWindow | None:
+    """The sliding window of a transformers model config, or None when no layer has one.
+
+    Qwen2 without use_sliding_window sets `sliding_window` to None; models with `layer_types`
+    name which layers slide; a model without them (Mistral) slides on every layer.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if size is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return SlidingWindow(int(size), layer_types is None or all(t == "sliding_attention" for t in layer_types))
+
+
+def sliding_window_causal(n: int, window: int, device) -> torch.Tensor:
+    """[n, n] boolean: query q may attend key k iff k <= q and q - k < window."""
+    distance = torch.arange(n, device=device)[:, None] - torch.arange(n, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def block_diagonal_causal(document_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[B, 1, T, T] boolean: query q may attend key k iff same document, k <= q (and q - k < window)."""
     same = document_ids[:, :, None] == document_ids[:, None, :]
     t = document_ids.size(1)
-    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    causal = sliding_window_causal(t, window if window is not None else t, document_ids.device)
     return (same & causal)[:, None]
 
 
-def flex_block_mask(document_ids: torch.Tensor):
+def flex_block_mask(document_ids: torch.Tensor, window: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document_causal(b, h, q, k):
         return (document_ids[b, q] == document_ids[b, k]) & (q >= k)
 
+    def same_document_window(b, h, q, k):
+        return (document_ids[b, q] == document_ids[b, k]) & (q >= k) & (q - k < window)
+
     b, t = document_ids.shape
-    return create_block_mask(same_document_causal, b, None, t, t, device=document_ids.device)
+    mask_mod = same_document_causal if window is None else same_document_window
+    return create_block_mask(mask_mod, b, None, t, t, device=document_ids.device)
 
 
 def attention_kwargs(attn_implementation: str) -> dict:
@@ -139,8 +188,14 @@ def attention_kwargs(attn_implementation: str) -> dict:
     return {}
 
 
-def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> dict:
-    """Keyword arguments for the model's forward for this batch and backend."""
+def model_inputs(
+    batch: Batch, attn_implementation: str, dtype: torch.dtype, window: SlidingWindow | None = None
+) -> dict:
+    """Keyword arguments for the model's forward for this batch and backend.
+
+    `window` is the model's sliding window (`sliding_window_of(model.config)`); packed rows
+    need it under eager, plain sdpa and flex, whose masks replace the model's own.
+    """
     if batch.document_ids is None:
         return {
             "input_ids": batch.input_ids,
@@ -153,14 +208,27 @@ def model_inputs(batch: Batch, attn_implementation: str, dtype: torch.dtype) -> 
     if attn_implementation == DOCUMENT_SDPA:
         inputs["document_segments"] = batch.segments
         return inputs
-    if attn_implementation == "flex_attention":
-        inputs["attention_mask"] = flex_block_mask(batch.document_ids)
-        inputs.update(attention_kwargs(attn_implementation))
-        return inputs
-    allowed = block_diagonal_causal(batch.document_ids)
-    if attn_implementation == "eager":
-        blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-        inputs["attention_mask"] = torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)
+    if window is not None and window.size >= batch.input_ids.size(1):
+        window = None  # no document is longer than the window: plain causal is the same mask
+    if window is None:
+        inputs["attention_mask"] = document_mask(batch.document_ids, attn_implementation, dtype)
+    elif window.every_layer:
+        inputs["attention_mask"] = document_mask(batch.document_ids, attn_implementation, dtype, window.size)
     else:
-        inputs["attention_mask"] = allowed
+        inputs["attention_mask"] = {
+            "full_attention": document_mask(batch.document_ids, attn_implementation, dtype),
+            "sliding_attention": document_mask(batch.document_ids, attn_implementation, dtype, window.size),
+        }
+    inputs.update(attention_kwargs(attn_implementation))
     return inputs
+
+
+def document_mask(document_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype, window: int | None = None):
+    """The packed-document mask in the form the backend takes (BlockMask, additive float, boolean)."""
+    if attn_implementation == "flex_attention":
+        return flex_block_mask(document_ids, window)
+    allowed = block_diagonal_causal(document_ids, window)
+    if attn_implementation != "eager":
+        return allowed
+    blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)
