@@ -28,7 +28,7 @@ from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
 from ftdist.metrics import TrainFlops, device_peak_flops, logical_ndim, mfu, peak_memory_gb
-from ftdist.model.attention import model_inputs
+from ftdist.model.attention import model_inputs, sliding_window_of
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
@@ -106,6 +106,7 @@ class Trainer:
             else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size)
         )
         self.attn_implementation = getattr(model.config, "_attn_implementation", "sdpa")
+        self.sliding_window = sliding_window_of(model.config)
         self.model_dtype = next(model.parameters()).dtype
         self.flops = TrainFlops.of(model)
         self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
@@ -147,7 +148,7 @@ class Trainer:
     def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         autocast = self.bf16 and not self.strategy.handles_mixed_precision
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype)).logits
+            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
     def forward_backward(self, batches: list[Batch]) -> dict:
         """Accumulate this rank's gradients for one global batch; returns global totals."""
