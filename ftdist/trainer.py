@@ -409,7 +409,9 @@ class Trainer:
         out = {"steps": self.step, "total_tokens": self.total_tokens}
         if self.history:
             out["final_loss"] = self.history[-1]["loss"]
-            out["mean_tokens_per_s"] = self.total_tokens / max(self.history[-1]["elapsed_s"], 1e-9)
+            # This invocation's steps over its time: total_tokens also counts steps run before a resume.
+            tokens = sum(r["tokens"] for r in self.history)
+            out["mean_tokens_per_s"] = tokens / max(self.history[-1]["elapsed_s"], 1e-9)
         with_em = [r for r in self.eval_history if "exact_match" in r]
         if self.eval_history:
             out["final_eval_loss"] = self.eval_history[-1]["eval_loss"]
