@@ -14,8 +14,9 @@ ftdist/parallel actually follow:
   QuantState: an 8-bit absmax per 64 weights, an fp32 scale per 256 absmaxes, code tables) are
   plain attributes, so FSDP does not shard them: every rank holds all of them.
 
-`measure_model_state` counts the same parts on a live model after a step;
-tests/dist/test_plan_model_state.py holds the two together on 2 ranks.
+tests/memory_probe.py counts the same parts on a live model after a step (reading FSDP2's and
+DeepSpeed's private state, which only a test should); tests/dist/test_plan_model_state.py holds
+the two together on 2 ranks.
 """
 
 from __future__ import annotations
@@ -529,91 +530,9 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
     return "\n".join(lines)
 
 
-# --- measuring a live model -------------------------------------------------------------------
-
-
-def _local(t) -> torch.Tensor | None:
-    if t is None or not isinstance(t, torch.Tensor):
-        return None
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _add(tensors, seen: set[int]) -> int:
-    """Bytes of the storages behind `tensors` not counted yet: views into one flat buffer
-    (DeepSpeed's partitions, its gradient buffer) count that buffer once."""
-    total = 0
-    for t in tensors:
-        t = _local(t)
-        if t is None or t.numel() == 0:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
-
-
-def _quant_tensors(module: torch.nn.Module):
-    states = []
-    for m in module.modules():
-        qs = getattr(m, "quant_state", None) or getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None and all(qs is not s for s in states):
-            states.append(qs)
-    for qs in states:
-        yield from (qs.absmax, qs.code, getattr(qs, "offset", None))
-        if getattr(qs, "state2", None) is not None:
-            yield from (qs.state2.absmax, qs.state2.code)
-
-
-def _fsdp_unsharded_grads(module: torch.nn.Module):
-    """Gradients FSDP2 holds unsharded between micro-batches when gradient sync is off: on its
-    private unsharded parameters, invisible through module.parameters()."""
-    for m in module.modules():
-        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
-        group = getattr(state, "_fsdp_param_group", None) if state is not None else None
-        for fp in getattr(group, "fsdp_params", []):
-            yield getattr(fp, "unsharded_accumulated_grad", None)
-            unsharded = getattr(fp, "_unsharded_param", None)
-            yield getattr(unsharded, "grad", None) if unsharded is not None else None
-
-
-def measure_model_state(model: torch.nn.Module, optimizer, strategy=None) -> dict[str, int]:
-    """Bytes this rank holds in parameters (base and adapter), gradients, optimizer state and
-    quantization constants: the local storage only (FSDP2 DTensor shards, DeepSpeed ZeRO
-    partitions, FSDP2's unsharded gradients under accumulation). Call it with gradients present
-    (after a backward)."""
-    module = strategy.unwrap(model) if strategy is not None else model
-    module = getattr(module, "module", module)  # DDP, DeepSpeed engine
-    seen: set = set()
-    params = list(module.parameters())
-    local_params = [getattr(p, "ds_tensor", p) for p in params]
-    out = {"parameters": _add(local_params, seen)}
-    grads = [p.grad for p in params] + list(_fsdp_unsharded_grads(module))
-    grads.append(getattr(optimizer, "grad_partitions_flat_buffer", None))  # ZeRO-3's gradient partitions
-    grads += list(getattr(optimizer, "averaged_gradients", {}).values()) if isinstance(
-        getattr(optimizer, "averaged_gradients", None), dict) else []
-    out["gradients"] = _add([g for gs in grads for g in (gs if isinstance(gs, list) else [gs])], seen)
-    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
-    states = [v for st in inner.state.values() for k, v in st.items() if k != "step"]
-    masters = list(getattr(optimizer, "fp32_partitioned_groups_flat", [])) + list(
-        getattr(optimizer, "single_partition_of_fp32_groups", []))
-    # DeepSpeed's master partitions are the torch optimizer's parameters; shared storage counts once.
-    out["optimizer"] = _add(states, seen) + _add(masters, seen)
-    out["quant_constants"] = _add(_quant_tensors(module), seen)
-    return out
-
-
-def measure_loaded(model: torch.nn.Module) -> int:
-    """Bytes this rank holds of a model just loaded (parameters and quantization constants; meta
-    tensors hold nothing), before the strategy shards it."""
-    seen: set = set()
-    return _add([p for p in model.parameters() if not p.is_meta], seen) + _add(_quant_tensors(model), seen)
-
-
 def predicted_loading(cfg: FtdistConfig, world: int, m: ModelState | None = None) -> dict:
     """The plan's loading figures (see `loading`) for `world` ranks on one node: host_rank0 and
-    host_other_rank are what measure_loaded counts on those ranks."""
+    host_other_rank are what tests/memory_probe.py's measure_loaded counts on those ranks."""
     m = m or model_state(cfg)
     c = _on_one_node(cfg, world)
     return loading(c, m, memory(c, m))
@@ -622,8 +541,9 @@ def predicted_loading(cfg: FtdistConfig, world: int, m: ModelState | None = None
 def predicted_model_state(
     cfg: FtdistConfig, world: int, m: ModelState | None = None, rank: int | None = None
 ) -> dict[str, float]:
-    """The plan's per-rank bytes of what measure_model_state counts (parameters include adapters),
-    in GPU and CPU memory together: offloaded state is still this rank's."""
+    """The plan's per-rank bytes of what tests/memory_probe.py's measure_model_state counts
+    (parameters include adapters), in GPU and CPU memory together: offloaded state is still this
+    rank's."""
     m = m or model_state(cfg)
     c = _on_one_node(cfg, world)
     mem = memory(c, m, rank)

@@ -12,12 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers and memory_probe
 
 from helpers import WorkerRun, worker_config, worker_main
+from memory_probe import measure_loaded, measure_model_state
 
 from ftdist.objectives import sft_loss_sum
-from ftdist.plan import measure_loaded, measure_model_state, predicted_loading, predicted_model_state
+from ftdist.plan import predicted_loading, predicted_model_state
 
 
 def main(out_dir: Path, overrides: list[str]) -> None:

@@ -48,10 +48,10 @@ def test_predicted_model_state_matches_each_rank(tmp_path, layout):
         for part in parts:
             measured, predicted = record["measured"][part], record["predicted"][part]
             assert measured > 0, (layout, part, record)
-            assert predicted == pytest.approx(measured, rel=0.05), (layout, part, record)
+            assert predicted == measured, (layout, part, record)  # bytes, exactly
         if not layout.startswith("zero3"):  # on CPU, zero.Init's partitions are in the memory the plan calls the GPU's
             measured, predicted = record["measured"]["loaded"], record["predicted"]["loaded"]
-            assert predicted == pytest.approx(measured, rel=0.05), (layout, "loaded", record)
+            assert predicted == measured, (layout, "loaded", record)
     if layout.startswith("fsdp"):
         loaded = [r["measured"]["loaded"] for r in sorted(ranks, key=lambda r: r["rank"])]
         assert loaded[0] > 0 and (loaded[1] == loaded[0] if "qlora" in layout else loaded[1] == 0), loaded
