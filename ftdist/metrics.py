@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import resource
 import time
 from collections.abc import Iterable
@@ -22,6 +24,9 @@ GPU_PEAK_FLOPS = {
 }
 
 _cpu_peak_cache: dict[int, float] = {}
+_unknown_gpus_warned: set[str] = set()
+
+log = logging.getLogger(__name__)
 
 
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 8) -> float:
@@ -40,13 +45,30 @@ def measure_cpu_peak_flops(size: int = 1024, repeats: int = 8) -> float:
     return _cpu_peak_cache[threads]
 
 
-def device_peak_flops(device: torch.device) -> float:
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The GPU_PEAK_FLOPS entry for a device name (`torch.cuda.get_device_name`), or None.
+
+    A key matches a whole word of the name ("NVIDIA A100-SXM4-80GB" is an A100; "NVIDIA L40"
+    is not an L4). An unknown GPU gets None, so its lines log `mfu: null` rather than a
+    utilisation computed from a guessed peak; it is warned about once per process.
+    """
+    words = set(re.split(r"[^0-9A-Za-z]+", device_name.upper()))
+    for key, peak in GPU_PEAK_FLOPS.items():
+        if key in words:
+            return peak
+    if device_name not in _unknown_gpus_warned:
+        _unknown_gpus_warned.add(device_name)
+        log.warning(
+            "GPU %r is not in ftdist.metrics.GPU_PEAK_FLOPS (%s): its peak FLOP/s is unknown, so mfu is logged as null",
+            device_name, ", ".join(GPU_PEAK_FLOPS),
+        )
+    return None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device: the datasheet bf16 peak of a known GPU, a CPU's measured fp32 peak."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return peak
-        return 312e12  # unknown GPU: assume A100-class rather than report no MFU
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     return measure_cpu_peak_flops()
 
 
@@ -129,12 +151,15 @@ class TrainFlops:
         return self.per_token * sum(lengths) + self.per_attention_pair * sum(causal_pairs(n) for n in lengths)
 
 
-def mfu(flops: float, seconds: float, world_size: int, peak_flops_per_device: float) -> float:
-    """Model FLOPs utilisation: the global step's FLOPs over what the devices could do in `seconds`."""
+def mfu(flops: float, seconds: float, world_size: int, peak_flops_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation: the global step's FLOPs over what the devices could do in `seconds`
+    (None where the device's peak is unknown)."""
+    if peak_flops_per_device is None:
+        return None
     return flops / (seconds * world_size * peak_flops_per_device)
 
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux; GB as on CUDA

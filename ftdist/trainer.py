@@ -293,7 +293,8 @@ class Trainer:
             self.total_steps, self.global_batch_size, self.strategy.world_size, cfg.train.grad_accum_steps,
             cfg.train.micro_batch_size, len(self.train_examples), len(self.val_examples),
         )
-        log.info("mfu: FLOPs per step over %.4g FLOP/s per device (%s)", self.peak_flops, self.device.type)
+        if self.peak_flops is not None:  # None: an unknown GPU, already warned about
+            log.info("mfu: FLOPs per step over %.4g FLOP/s per device (%s)", self.peak_flops, self.device.type)
         if has_val and cfg.train.eval_at_start and self.step == 0:
             self._log_eval(self.evaluate(with_generation=True))
         self.preemption.install()

@@ -3,14 +3,18 @@ a count made from the model's own layer shapes."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
+from helpers import random_examples
 
-from ftdist.config import ModelConfig, PeftConfig, TinyModelSpec
+from ftdist.config import DataConfig, FtdistConfig, ModelConfig, PeftConfig, TinyModelSpec, TrainConfig
 from ftdist.data.loader import collate
 from ftdist.data.packing import collate_packed
 from ftdist.data.prepare import Example
-from ftdist.metrics import TrainFlops, mfu, train_flops_per_token
+from ftdist.metrics import GPU_PEAK_FLOPS, TrainFlops, gpu_peak_flops, mfu, train_flops_per_token
 from ftdist.model.loading import load_model
 
 # The tiny Llama (TinyModelSpec defaults): width 128, 4 layers, 4 query heads and 2 KV heads of
@@ -120,3 +124,56 @@ def test_adapters_add_weight_gradients_only_for_what_trains(tiny_model_dir, meth
 def test_mfu_divides_by_every_device_peak():
     # 3e12 FLOPs in 1.5 s on 2 devices of 4e12 FLOP/s: 3 / 12 of what they could do.
     assert mfu(3e12, 1.5, 2, 4e12) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA A10G", "A10G"),
+        ("NVIDIA GeForce RTX 4090", "4090"),
+        ("Tesla V100-SXM2-16GB", "V100"),
+    ],
+)
+def test_known_gpu_names_get_their_datasheet_peak(name, key):
+    assert gpu_peak_flops(name) == GPU_PEAK_FLOPS[key]
+
+
+def test_unknown_gpu_has_no_peak_and_is_warned_about_once(caplog):
+    name = "NVIDIA Imaginary Accelerator Z9"
+    with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
+        assert gpu_peak_flops(name) is None
+        assert gpu_peak_flops(name) is None
+    warnings = [r for r in caplog.records if name in r.getMessage()]
+    assert len(warnings) == 1 and "mfu is logged as null" in warnings[0].getMessage()
+    # A name that merely contains a known key is not that GPU (an L40 is no L4).
+    assert gpu_peak_flops("NVIDIA L40") is None
+    assert mfu(3e12, 1.5, 2, None) is None
+
+
+def test_train_line_of_an_unknown_gpu_logs_mfu_null(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
+    from ftdist.parallel.base import Strategy
+    from ftdist.trainer import Trainer
+
+    cfg = FtdistConfig(
+        model=ModelConfig(tiny=TinyModelSpec()),
+        data=DataConfig(path="unused", max_seq_len=128),
+        train=TrainConfig(micro_batch_size=4, grad_accum_steps=1, max_steps=1),
+        output_dir=str(tmp_path),
+    )
+    examples = random_examples(8, seed=3)
+    trainer = Trainer(cfg, Strategy(cfg.strategy), tiny_model(), tiny_tokenizer, examples, examples[:2], tmp_path)
+    name = "NVIDIA Imaginary Accelerator Z10"
+    with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
+        trainer.peak_flops = gpu_peak_flops(name)  # what device_peak_flops gives on such a GPU
+    record = trainer.train_step()
+    assert record["mfu"] is None and record["tokens"] > 0
+    trainer.metrics.write(record)
+    trainer.metrics.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert '"mfu": null' in line and json.loads(line)["mfu"] is None
+    assert sum(name in r.getMessage() for r in caplog.records) == 1
