@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ftdist.checkpoint import complete_checkpoints
+from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
 
 log = logging.getLogger("ftdist")
@@ -140,7 +141,10 @@ def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype):
 
 def tied_copies(model: torch.nn.Module) -> set[str]:
     """State dict keys that alias another tensor (an lm_head tied to the embedding)."""
-    return set(getattr(model, "all_tied_weights_keys", None) or {})
+    # transformers 5 sets this mapping (target -> source) on every model it builds; without it,
+    # tied copies would be saved (or required) twice, silently.
+    tied = require_attr(model, "all_tied_weights_keys", "transformers", "ftdist finds tied weights through it")
+    return set(tied or {})
 
 
 def full_model_names(model: torch.nn.Module) -> set[str]:

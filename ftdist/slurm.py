@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ftdist.compat import library_error, require_attr
 from ftdist.config import ConfigError, FtdistConfig, check_override_keys, load_config, slurm_procs_per_node
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -37,11 +38,16 @@ def compose(overrides: list[str]):
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Every combination of a multirun's comma-separated overrides, in Hydra's order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    needed_for = "ftdist expands a multirun's overrides with Hydra's own sweeper"
+    try:
+        from hydra._internal.core_plugins import basic_sweeper
+    except ImportError as e:  # a private module of Hydra's
+        raise library_error("hydra-core", f"hydra._internal.core_plugins.basic_sweeper: {e}", needed_for) from e
+    sweeper = require_attr(basic_sweeper, "BasicSweeper", "hydra-core", needed_for)
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    return require_attr(sweeper, "split_arguments", "hydra-core", needed_for)(parsed, max_batch_size=None)[0]
 
 
 def _key(override: str) -> str:

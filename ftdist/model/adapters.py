@@ -5,10 +5,11 @@ Named `adapters` rather than `peft` so it never shadows the peft package it impo
 
 from __future__ import annotations
 
-import contextlib
+import weakref
 
 import torch
 
+from ftdist.compat import library_error, library_version, require_attr
 from ftdist.config import ConfigError, PeftConfig
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "uint8": torch.uint8}
@@ -37,8 +38,11 @@ def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype):
     )
 
 
-@contextlib.contextmanager
-def quantize_4bit_on(device: torch.device):
+QUANTIZE_ON_DEVICE = "ftdist's QLoRA loading quantizes each 4-bit weight on the GPU through it (on the CPU a 70B base takes 47 minutes)"
+KEEP_TRAINABLE = "ftdist turns it off so evaluation does not repack 4-bit weights into an inference-only CPU layout"
+
+
+class QuantizeOnDevice:
     """While a 4-bit base loads into CPU memory, quantize each weight on `device` (a GPU).
 
     FSDP + QLoRA loads the base into CPU memory so that no GPU ever holds all of it (Llama 70B
@@ -48,22 +52,65 @@ def quantize_4bit_on(device: torch.device):
     (measured here): 47 minutes for 70B. It has no option to quantize elsewhere, so
     Params4bit._quantize is wrapped for the duration of the load: quantize on the GPU, then move
     the packed weight and its constants to where transformers placed it.
+
+    The wrapper is a private hook: a bitsandbytes or transformers that quantizes by another route
+    would leave it uncalled and quantize on the CPU, slowly and silently. So it records every
+    weight it quantized, and `check(model)`, called where the load finishes, requires that every
+    4-bit weight of the loaded model is one of them.
     """
-    from bitsandbytes.nn import Params4bit
 
-    original = Params4bit._quantize
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.calls = 0
+        self._quantized: dict[int, weakref.ref] = {}
+        self._original = None
 
-    def quantize_then_move(self, target):
-        original(self, device)
-        self.data = self.data.to(target)
-        self.quant_state.to(target)  # in place, and the module's reference is the same object
+    def __enter__(self):
+        from bitsandbytes.nn import Params4bit
+
+        original = require_attr(Params4bit, "_quantize", "bitsandbytes", QUANTIZE_ON_DEVICE)
+        device, quantized = self.device, self._quantized
+
+        def quantize_then_move(param, target):
+            original(param, device)
+            param.data = param.data.to(target)
+            param.quant_state.to(target)  # in place, and the module's reference is the same object
+            self.calls += 1
+            quantized[id(param)] = weakref.ref(param)
+            return param
+
+        self._original = original
+        Params4bit._quantize = quantize_then_move
         return self
 
-    Params4bit._quantize = quantize_then_move
-    try:
-        yield
-    finally:
-        Params4bit._quantize = original
+    def __exit__(self, *exc) -> None:
+        from bitsandbytes.nn import Params4bit
+
+        Params4bit._quantize = self._original
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise unless every 4-bit weight of `model` went through the wrapper (a checkpoint saved
+        already quantized loads packed: nothing to quantize, nothing to check)."""
+        from bitsandbytes.nn import Params4bit
+
+        if getattr(getattr(model, "hf_quantizer", None), "pre_quantized", False):
+            return
+        weights = {n: p for n, p in model.named_parameters() if isinstance(p, Params4bit)}
+        missed = [n for n, p in weights.items() if (ref := self._quantized.get(id(p))) is None or ref() is not p]
+        if missed:
+            raise library_error(
+                "bitsandbytes",
+                f"Params4bit._quantize, wrapped by ftdist, ran {self.calls} times while {len(missed)} of the "
+                f"model's {len(weights)} 4-bit weights were quantized another way (e.g. {missed[0]}), "
+                f"on the CPU (transformers {library_version('transformers')})",
+                QUANTIZE_ON_DEVICE,
+            )
+
+
+def quantize_4bit_on(device: torch.device) -> QuantizeOnDevice:
+    """A context that quantizes the 4-bit weights loaded inside it on `device`; call its
+    `check(model)` on the loaded model."""
+    return QuantizeOnDevice(device)
 
 
 def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
@@ -72,10 +119,15 @@ def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
     bitsandbytes 0.50 converts a Linear4bit's weight to an inference-only CPU layout the first
     time it runs in eval mode, and never converts it back: training after an evaluation then
     runs a kernel without autograd and silently drops the gradient through the frozen base
-    (measured here: the adapters of earlier layers got wrong gradients).
+    (measured here: the adapters of earlier layers got wrong gradients). The switch is the
+    instance attribute `support_avx512bf16_for_cpu`; a bitsandbytes without it is refused rather
+    than trusted.
     """
+    from bitsandbytes.nn import Linear4bit
+
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+        if isinstance(module, Linear4bit):
+            require_attr(module, "support_avx512bf16_for_cpu", "bitsandbytes", KEEP_TRAINABLE)
             module.support_avx512bf16_for_cpu = False
 
 

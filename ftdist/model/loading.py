@@ -110,10 +110,12 @@ def load_model(
                 )
         else:
             extra = {"quantization_config": quant, "device_map": {"": load_device}} if quant is not None else {}
-            with quantizing:
+            with quantizing as on_device:
                 model = AutoModelForCausalLM.from_pretrained(
                     path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **extra
                 )
+            if on_device is not None:
+                on_device.check(model)  # every 4-bit weight was quantized on the GPU, none on the CPU
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
     model = finish_model(model, cfg, peft, quantized=quant is not None)

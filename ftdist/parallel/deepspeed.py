@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ftdist.compat import library_error, require_attr
 from ftdist.config import ConfigError, StrategyConfig, TrainConfig
 from ftdist.parallel.base import DistributedStrategy
 
@@ -33,6 +34,7 @@ log = logging.getLogger("ftdist")
 QUIET_STEPS = 2**31 - 1  # steps_per_print: DeepSpeed's own progress lines never print
 # Each ftdist checkpoint directory holds one DeepSpeed checkpoint, always under this tag.
 CHECKPOINT_TAG = "deepspeed"
+SHM_COMM_OP = "deepspeed_shm_comm"  # the NAME of DeepSpeed's ShareMemCommBuilder
 
 
 def _import_deepspeed():
@@ -42,10 +44,20 @@ def _import_deepspeed():
     except ImportError as e:
         raise ConfigError(f"strategy=zero* needs DeepSpeed: pip install 'ftdist[deepspeed]' ({e})") from e
     if get_accelerator().device_name() == "cpu":
-        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (over a minute on 2 cores)
-        # that only its inference all-reduce uses; training collectives go through gloo.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_shm_comm_build(deepspeed)
     return deepspeed
+
+
+def skip_shm_comm_build(deepspeed) -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (over a minute on 2 cores) that
+    only its inference all-reduce uses; training collectives go through gloo. Its communication
+    layer builds the op only where `deepspeed.ops.__compatible_ops__` marks it compatible, so
+    ftdist marks it not: a private table, whose key must exist (else the mark does nothing)."""
+    needed_for = "ftdist marks DeepSpeed's CPU shared-memory all-reduce op unbuildable, to skip its minute-long JIT build"
+    ops = require_attr(deepspeed.ops, "__compatible_ops__", "deepspeed", needed_for)
+    if SHM_COMM_OP not in ops:
+        raise library_error("deepspeed", f"deepspeed.ops.__compatible_ops__ has no {SHM_COMM_OP!r}", needed_for)
+    ops[SHM_COMM_OP] = False
 
 
 def zero_section(cfg: StrategyConfig) -> dict:
@@ -267,7 +279,10 @@ class DeepSpeedStrategy(DistributedStrategy):
         module = self.unwrap(model)
         if self.cfg.zero_stage == 3:
             # Gathers one module's partitions at a time onto rank 0, moving each to CPU.
-            state = model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+            consolidate = require_attr(
+                model, "_zero3_consolidated_16bit_state_dict", "deepspeed", "ftdist saves ZeRO-3 weights through it"
+            )
+            state = consolidate(exclude_frozen_parameters=trainable_only)
         elif self._save_fp32_master:
             state = self._fp32_master_state_dict(module)
         else:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from ftdist.compat import require_attr
 from ftdist.config import ConfigError, TrainConfig
 from ftdist.parallel.base import DistributedStrategy
 
@@ -71,7 +72,10 @@ def broadcast_buffers(model: torch.nn.Module, device: torch.device) -> None:
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta:
                 buf = torch.empty_like(buf, device=device)
-                module.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+                non_persistent = require_attr(
+                    module, "_non_persistent_buffers_set", "torch", "ftdist keeps a meta buffer's persistence through it"
+                )
+                module.register_buffer(name, buf, persistent=name not in non_persistent)
             dist.broadcast(buf, src=0)
 
 
