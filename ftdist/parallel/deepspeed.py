@@ -237,6 +237,11 @@ class DeepSpeedStrategy(DistributedStrategy):
     def optimizer_step(self, model, optimizer, scheduler, max_norm: float | None) -> float:
         # Clipping to max_norm is in the config (gradient_clipping); this step applies it.
         model.step()
+        if not model.was_step_applied():
+            # DeepSpeed discarded the update (NaN/Inf gradients: parameters and optimizer state
+            # untouched) and, with it, its schedule step. The other strategies count a skipped
+            # step as one of train.max_steps, so the lr stays a function of the step everywhere.
+            scheduler.step()
         norm = model.get_global_grad_norm()  # before clipping, over all ranks' partitions
         if norm is None:
             raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false?)")
