@@ -14,10 +14,12 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -392,19 +394,37 @@ def validate(cfg: FtdistConfig) -> None:
     validate_plan(cfg)
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
+# What a strategy or PEFT method needs installed: (applies, what, package, module, pip extra).
+def _needed_packages(cfg: FtdistConfig) -> list[tuple[str, str, str, str]]:
+    s, p = cfg.strategy, cfg.peft
+    needed = [
+        (s.name == "deepspeed", "strategy=zero*", "DeepSpeed", "deepspeed", "deepspeed"),
+        (p.method == "qlora", "peft=qlora", "bitsandbytes", "bitsandbytes", "bnb"),
+    ]
+    return [n[1:] for n in needed if n[0] and not cfg.dry_run]
 
-    return importlib.util.find_spec(module) is not None
+
+def check_packages_import(cfg: FtdistConfig) -> None:
+    """Import what the run needs (validate only looks the packages up, quietly): a package that is
+    present but broken (a wheel for another CUDA, a half-removed install) fails here with its own
+    message, before data and model load. Importing prints the packages' own start-up lines."""
+    import importlib
+
+    for what, package, module, extra in _needed_packages(cfg):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{what} needs {package} (import {module}: {e}): pip install 'ftdist[{extra}]'") from None
 
 
 def validate_parallel(cfg: FtdistConfig) -> None:
     """Strategy x PEFT combinations that cannot work, rejected before anything launches."""
+    import importlib.util
+
     s, p = cfg.strategy, cfg.peft
-    if s.name == "deepspeed" and not cfg.dry_run and not _installed("deepspeed"):
-        raise ConfigError("strategy=zero* needs DeepSpeed: pip install 'ftdist[deepspeed]'")
-    if p.method == "qlora" and not cfg.dry_run and not _installed("bitsandbytes"):
-        raise ConfigError("peft=qlora needs bitsandbytes: pip install 'ftdist[bnb]'")
+    for what, package, module, extra in _needed_packages(cfg):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{what} needs {package}, which is not installed: pip install 'ftdist[{extra}]'")
     if p.method == "qlora" and s.name == "deepspeed":
         raise ConfigError(
             "peft=qlora with strategy=zero*: DeepSpeed ZeRO cannot partition bitsandbytes 4-bit weights; "
@@ -536,6 +556,60 @@ def load_config(dcfg: DictConfig) -> FtdistConfig:
     missing = sorted(OmegaConf.missing_keys(dcfg))
     if missing:
         raise ConfigError(f"required keys not set: {', '.join(missing)} (set them, e.g. {missing[0]}=...)")
-    cfg = OmegaConf.to_object(dcfg)
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve, a wrong type
+        raise ConfigError(hydra_error_message(e)) from None
     validate(cfg)
     return cfg
+
+
+# --- composing a command line -----------------------------------------------------------------
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The composed (unresolved) Hydra config of `ftdist.train OVERRIDES`.
+
+    Hydra's own errors (an unknown group option, a value of the wrong type, a sweep without -m)
+    come back as a one-line ConfigError; Hydra would print a block and exit 1.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_schemas()
+    check_override_keys(overrides)
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(hydra_error_message(e)) from None
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines()]
+    return "; ".join(line for line in lines if line and not line.startswith("See https://hydra.cc"))
+
+
+def hydra_error_message(e: Exception) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing, naming the override."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e)
+    if isinstance(e, OverrideParseException) and e.override not in text:
+        return f"cannot parse override {e.override!r}: {_one_line(text)}"
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        options = [o for o in e.options if o != "schema"]  # the typed schema, stored in every group
+        return f"{group}={name}: config group '{group}' has no option '{name}'. Valid options: {', '.join(options)}"
+    if text.startswith("Ambiguous value for argument '"):
+        override = text.split("'")[1]
+        return (f"{override}: a comma-separated value is a sweep; add -m (--multirun) to run one job per value "
+                "(or write a list as key=[a,b], a string as key='a,b')")
+    cause = e.__cause__
+    if text.startswith("Error merging override ") and isinstance(cause, OmegaConfBaseException):
+        override = text.removeprefix("Error merging override ")
+        return f"{override}: {_one_line(str(cause).splitlines()[0])}"
+    return _one_line(text.split("\nConfig search path:")[0])

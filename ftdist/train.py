@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,11 +20,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ftdist.config import ConfigError, check_override_keys, load_config, register_schemas
+from ftdist.config import (
+    CONF_DIR,
+    ConfigError,
+    check_override_keys,
+    check_packages_import,
+    compose,
+    hydra_error_message,
+    load_config,
+    register_schemas,
+)
 from ftdist.parallel.base import PreflightError
 from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT, NonFiniteError, Preempted
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_BAD_INPUT = 2
 
 log = logging.getLogger("ftdist")
@@ -59,8 +68,9 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
     from ftdist.checkpoint import resolve_resume
     from ftdist.data.prepare import prepare_data
-    from ftdist.model.loading import load_model, load_tokenizer
+    from ftdist.model.loading import check_model, load_model, load_tokenizer
     from ftdist.parallel import build_strategy
+    from ftdist.tracking import start_wandb
     from ftdist.trainer import Trainer, use_bf16
 
     cfg = load_config(dcfg)
@@ -72,9 +82,16 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         if hydra_dir is not None and hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
             hydra_dir.rmdir()  # the run directory Hydra made before run() was called
         return None, summary
+    check_packages_import(cfg)
     strategy = build_strategy(cfg.strategy)
+    tracker = None
     try:
+        # The model's config.json (type, custom code, attention backend) is read before anything
+        # is written: a wrong model fails in seconds and leaves no run directory behind.
+        check_model(cfg.model, strategy.device)
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
+        # W&B starts before data and model: a set-up error costs seconds, not a 70B load.
+        tracker = start_wandb(cfg, strategy, run_dir)
         setup_logging(run_dir, strategy.is_main)
         if strategy.is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
@@ -96,7 +113,9 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
 
         with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
             loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
-        trainer = Trainer(cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir)
+        trainer = Trainer(
+            cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker=tracker
+        )
         summary = trainer.fit(resume_from)
         if cfg.train.save_final and summary.get("complete", True):
             summary["final_dir"] = str(trainer.save_final())
@@ -108,6 +127,8 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         strategy.barrier()
         return trainer, summary
     finally:
+        if tracker is not None:
+            tracker.abort()  # finished already, unless the run failed
         strategy.shutdown()
 
 
@@ -129,6 +150,8 @@ def main(dcfg: DictConfig) -> None:
     if in_submitit_job():  # hydra/launcher=slurm: this process only starts the node's torchrun
         run_torchrun_in_job(dcfg)
         return
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = not run_dir.is_dir() or not any(run_dir.iterdir())  # Hydra made it for this run
     try:
         run(dcfg)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -138,6 +161,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(EXIT_PREEMPTED)
     except PreflightError as e:
         print(f"ftdist: PreflightError: {e}", file=sys.stderr)
+        remove_unused_run_dir(run_dir, fresh)
         sys.exit(EXIT_PREFLIGHT)
     except NonFiniteError as e:
         print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
@@ -145,10 +169,22 @@ def main(dcfg: DictConfig) -> None:
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nothing ran: leave no empty run directory behind
+        remove_unused_run_dir(run_dir, fresh)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def remove_unused_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Leave nothing behind from a run that stopped before training: its run directory goes when
+    this invocation made it (empty at the start) and nothing trained (no checkpoints).
+
+    Rank 0 alone writes into it; a directory that held anything before (a run to resume) stays.
+    """
+    logging.shutdown()  # train.log is open
+    if not fresh or int(os.environ.get("RANK", "0")) != 0 or not run_dir.is_dir():
+        return
+    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def exit_now(code: int) -> None:
@@ -165,10 +201,36 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def cli() -> None:
-    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+def check_command_line(argv: list[str]) -> None:
+    """Compose and validate every run of this command line (each one of a -m sweep) before Hydra
+    starts: Hydra would make the run directory first, and report its own composition errors as a
+    block on stderr with exit code 1."""
+    from hydra._internal.utils import get_args_parser
+
     try:
-        check_override_keys(overrides)
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # not Hydra's syntax: hydra.main prints its usage
+        return
+    check_override_keys(args.overrides)
+    asks_hydra = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
+                  args.config_name, args.config_dir, args.experimental_rerun)
+    if any(asks_hydra):  # another primary config, or Hydra answering a question: Hydra's to check
+        return
+    from hydra.errors import HydraException
+
+    from ftdist.slurm import expand_sweep
+
+    try:
+        runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+    except HydraException as e:  # a sweep value Hydra cannot parse
+        raise ConfigError(hydra_error_message(e)) from None
+    for overrides in runs:
+        load_config(compose(overrides))
+
+
+def cli() -> None:
+    try:
+        check_command_line(sys.argv[1:])
     except ConfigError as e:
         print(f"ftdist: ConfigError: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

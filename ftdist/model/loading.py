@@ -6,6 +6,7 @@ The tiny model goes through the same path: it is built into a cache directory fi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -44,14 +45,105 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return os.path.expanduser(path)
 
 
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _check_config_file(cfg: ModelConfig, path: str) -> None:
+    """A local model directory's config.json, read before transformers does: transformers would
+    prompt for custom code on a terminal, and its errors run over many lines."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    where = f"model.name_or_path={path!r}"
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ConfigError(f"{where}: no config.json there (a Hugging Face model directory, as save_pretrained writes)")
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not model_type:
+        raise ConfigError(f"{file}: no model_type, so transformers cannot tell which architecture it is")
+    if model_type in CONFIG_MAPPING:
+        return
+    if "auto_map" in raw:
+        if not cfg.trust_remote_code:
+            raise ConfigError(
+                f"{where}: model_type {model_type!r} is not built into transformers; the directory ships its own "
+                "code (auto_map in config.json), which runs only with model.trust_remote_code=true. Read that code "
+                "first: it runs with your permissions"
+            )
+        return
+    import transformers
+
+    raise ConfigError(
+        f"{where}: config.json has model_type {model_type!r}, which transformers {transformers.__version__} does not "
+        "know (a newer transformers may; a model with its own code needs auto_map and model.trust_remote_code=true)"
+    )
+
+
+def load_model_config(cfg: ModelConfig, path: str):
+    """The model's transformers config (config.json only: no weights), or a ConfigError naming the path."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(path):
+        _check_config_file(cfg, path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path={path!r}: cannot read the model's config: {_first_line(e)}") from None
+
+
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
+                     "flash_attention_2": "_supports_flash_attn"}
+
+
+def choose_attention(cfg: ModelConfig, config, device: torch.device, path: str) -> str:
+    """The attention implementation to load with: `model.attn_implementation` resolved for the device,
+    checked against what the model class supports (auto falls back to eager where sdpa is missing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        if getattr(config, "auto_map", None):  # custom code: transformers checks it as it loads
+            return attn
+        raise ConfigError(
+            f"model.name_or_path={path!r}: model_type {config.model_type!r} has no causal-LM class in transformers "
+            "(AutoModelForCausalLM cannot build it)"
+        )
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    backend = "sdpa" if attn.endswith("sdpa") else attn  # ftdist's document sdpa needs transformers' sdpa
+    supported = ["eager"] + [name for name, flag in ATTENTION_SUPPORT.items() if getattr(model_class, flag, False)]
+    if backend in supported:
+        return attn
+    if cfg.attn_implementation == "auto":
+        log.warning("%s does not support %s attention: using eager", model_class.__name__, backend)
+        return "eager"
+    raise ConfigError(
+        f"model.attn_implementation={cfg.attn_implementation}: {model_class.__name__} ({path}) does not support it; "
+        f"it supports {', '.join(supported)}"
+    )
+
+
+def check_model(cfg: ModelConfig, device: torch.device) -> str:
+    """What config.json alone can tell (path, model type, custom code, attention backend), checked
+    before data and weights load; returns the attention implementation to load with."""
+    path = resolve_model_path(cfg)
+    return choose_attention(cfg, load_model_config(cfg, path), device, path)
+
+
 def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer or model_path or resolve_model_path(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"model.tokenizer / model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from e
+    except (OSError, ValueError) as e:  # no tokenizer files, or none transformers can convert
+        raise ConfigError(
+            f"model.tokenizer / model.name_or_path: cannot load a tokenizer from {path!r}: {_first_line(e)}"
+        ) from None
     if tok.pad_token_id is None:
         # Padding positions never carry labels or attention, so any id works; eos is standard.
         tok.pad_token = tok.eos_token
@@ -87,12 +179,13 @@ def load_model(
     fully_shard moves it to the GPU one block at a time, so the GPU never holds more than its
     shards and one block.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
     dtype = DTYPES[cfg.dtype]
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    config = load_model_config(cfg, path)
+    attn = choose_attention(cfg, config, device, path)
     if dtype == torch.bfloat16 and device.type == "cpu":
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
     quant = quantization_config(peft, dtype)
@@ -103,7 +196,6 @@ def load_model(
     quantizing = quantize_4bit_on(device) if parked and device.type == "cuda" else contextlib.nullcontext()
     try:
         if deferred and not strategy.is_main:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
