@@ -85,6 +85,7 @@ class Trainer:
         train_examples: list[Example],
         val_examples: list[Example],
         run_dir: Path,
+        tracker: WandbTracker | None = None,  # started by ftdist.train before the model loads
     ):
         self.cfg = cfg
         self.strategy = strategy
@@ -119,8 +120,7 @@ class Trainer:
             cfg.train,
             self.bf16,
         )
-        tracker = None
-        if strategy.is_main and cfg.tracking.backend == "wandb":
+        if tracker is None and strategy.is_main and cfg.tracking.backend == "wandb":
             tracker = WandbTracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), f"{cfg.experiment_name}-{run_dir.name}")
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main, tracker=tracker)
         self.step = 0
