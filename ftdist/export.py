@@ -307,8 +307,16 @@ def _export_peft(cfg, checkpoint, model_path, out, merge_adapter, dtype_name, to
     write_full_model(merged, merged.state_dict(), out, tokenizer)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error in one line (argparse prints the whole usage first), exit code 2."""
+
+    def error(self, message: str):
+        print(f"ftdist.export: usage: {message} (python -m ftdist.export --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="a run directory (its newest checkpoint) or a checkpoint step_N")
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--merge", action="store_true", help="PEFT runs: merge the adapter into the base model")

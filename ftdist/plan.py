@@ -560,15 +560,9 @@ def predicted_model_state(
 
 def compose_plan_config(overrides: list[str]) -> FtdistConfig:
     """The typed config of `overrides`, without data (data.path may be unset) or a run directory."""
-    from hydra import compose, initialize_config_dir
+    from ftdist.config import compose, load_config
 
-    from ftdist.config import check_override_keys, load_config, register_schemas
-    from ftdist.train import CONF_DIR
-
-    register_schemas()
-    check_override_keys(overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=[*overrides, "output_dir=/nonexistent/plan"])
+    dcfg = compose([*overrides, "output_dir=/nonexistent/plan"])  # Hydra's errors: one-line ConfigErrors
     dcfg.dry_run = True  # sizing only: load_config then needs no data.path and no installed backend
     return load_config(dcfg)
 

@@ -18,22 +18,19 @@ import sys
 from pathlib import Path
 
 from ftdist.compat import library_error, require_attr
-from ftdist.config import ConfigError, FtdistConfig, check_override_keys, load_config, slurm_procs_per_node
+from ftdist.config import (
+    ConfigError,
+    FtdistConfig,
+    check_override_keys,
+    compose,
+    hydra_error_message,
+    load_config,
+    slurm_procs_per_node,
+)
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # Set by ftdist.slurm itself in the job's command line, so not taken from the user's overrides.
 OWN_KEYS = ("output_dir", "resume", "slurm.dry_run")
-
-
-def compose(overrides: list[str]):
-    """The composed (unresolved) Hydra config of `ftdist.train OVERRIDES`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from ftdist.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -134,8 +131,13 @@ def strategy_for_processes(cfg: FtdistConfig, processes: int) -> list[str]:
 
 def plan(overrides: list[str], multirun: bool) -> tuple[FtdistConfig, Path, list[list[str]]]:
     """Check every run of the job; returns the first run's config, the run directory and the runs."""
+    from hydra.errors import HydraException
+
     check_override_keys(overrides)
-    sweep = expand_sweep(overrides) if multirun else [overrides]
+    try:
+        sweep = expand_sweep(overrides) if multirun else [overrides]
+    except HydraException as e:  # a sweep value Hydra cannot parse
+        raise ConfigError(hydra_error_message(e)) from None
     configs = []
     for combo in sweep:
         dcfg = compose(combo)
