@@ -197,3 +197,79 @@ def test_four_steps_then_resume_auto_to_eight_matches_eight_straight(resumed, tm
     run(out, nproc)
     a, b = losses(runs[name][0]), losses(tmp_path / name)
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
+
+
+# --- negative controls: the equality above fails when resume loses a part of the state --------
+
+# LoRA with adapter dropout: the only randomness in this loop (the sampler derives each batch
+# from seed and step, and the tiny Llama has no dropout of its own), so the RNG state matters.
+# 8 steps of micro-batch 2, a checkpoint at step 4, one process.
+CONTROL = [*BASE, "peft=lora", "peft.dropout=0.1"]
+
+
+def _drop_rng_state(checkpoint):
+    (checkpoint / "rng" / "rank0.pt").unlink()
+
+
+def _reset_optimizer_state(checkpoint):
+    """Replace the saved AdamW state with that of a fresh optimizer (step 0, zero moments)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    saved, flat = checkpoint / "model_optimizer", checkpoint / "flat.pt"
+    dcp_to_torch_save(saved, flat)
+    state = torch.load(flat, weights_only=False)
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values()]
+    assert moments and all(t.abs().sum() > 0 for t in moments)  # there was state to lose
+    for t in moments:
+        t.zero_()
+    torch.save(state, flat)
+    shutil.rmtree(saved)
+    torch_save_to_dcp(flat, saved)
+    flat.unlink()
+
+
+CONTROLS = {"intact": lambda checkpoint: None, "no_rng": _drop_rng_state, "fresh_optimizer": _reset_optimizer_state}
+
+
+@pytest.fixture(scope="module")
+def controls(tmp_path_factory):
+    """An uninterrupted LoRA run, and resumes from its step-4 checkpoint with parts removed."""
+    root = tmp_path_factory.mktemp("resume_controls")
+    straight = root / "straight"
+    run([*CONTROL, f"output_dir={straight}"])
+    resumed = {}
+    for name, damage in CONTROLS.items():
+        _copy_first_half(straight, root / name)
+        damage(root / name / "checkpoints" / "step_00000004")
+        proc = run([*CONTROL, f"output_dir={root / name}"])
+        assert "resumed from" in proc.stderr
+        resumed[name] = (losses(root / name), proc.stderr)
+    return losses(straight), resumed
+
+
+def _resumed_steps(run_losses):
+    assert sorted(run_losses) == list(range(1, 9))
+    return [run_losses[s] for s in range(5, 9)]
+
+
+def test_resume_control_intact_checkpoint_is_exact(controls):
+    """The positive control for the two below: with dropout, the same checkpoint resumes exactly."""
+    straight, resumed = controls
+    assert _resumed_steps(resumed["intact"][0]) == _resumed_steps(straight)
+
+
+def test_resume_control_without_rng_state_changes_losses(controls):
+    straight, resumed = controls
+    got, stderr = resumed["no_rng"]
+    assert "no RNG state" in stderr
+    # Other dropout masks from the first resumed step on; same model, so close but not equal.
+    assert all(a != b for a, b in zip(_resumed_steps(straight), _resumed_steps(got), strict=True))
+
+
+def test_resume_control_with_a_fresh_optimizer_changes_losses(controls):
+    straight, resumed = controls
+    expected, got = _resumed_steps(straight), _resumed_steps(resumed["fresh_optimizer"][0])
+    # Step 5's loss comes from the restored weights before any update: still exact. Every
+    # update after it is a first Adam step (about lr x sign(grad)), not the continued one.
+    assert got[0] == expected[0]
+    assert all(a != b for a, b in zip(expected[1:], got[1:], strict=True))
