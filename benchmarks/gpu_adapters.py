@@ -211,7 +211,8 @@ def run_one(args) -> dict:
             "tokens_per_s": round(tokens_per_s, 1),
             "flops_per_token": trainer.flops_per_token,
             "peak_flops_used": trainer.peak_flops,
-            "mfu": round(trainer.flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
+            "mfu": None if trainer.peak_flops is None  # a GPU without a known peak: no guessed MFU
+            else round(trainer.flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
             "step_s": [round(r["wall_s"], 3) for r in timed],
             "loss_first_last": [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)],
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
