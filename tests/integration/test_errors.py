@@ -186,7 +186,6 @@ def test_wandb_not_importable_fails_before_the_model_loads(tmp_path):
 
 
 def test_wandb_init_failure_is_one_line_and_leaves_nothing(tmp_path):
-    pytest.importorskip("wandb")
     proc = run_module("ftdist.train", [*FAST, "tracking=wandb", "tracking.project=myteam/finetune",
                                        f"output_dir={tmp_path}/run"], env=wandb_env())
     assert_one_line_error(proc, "tracking=wandb: wandb.init failed", "tracking.project='myteam/finetune'",

@@ -10,9 +10,8 @@ import json
 import subprocess
 
 import pytest
+import wandb  # noqa: F401 - a core dependency: missing fails here, never skips
 from helpers import FAST, REPO, read_metrics, run_env, train_cmd
-
-wandb = pytest.importorskip("wandb")
 
 
 def wandb_records(run_file) -> list[bytes]:

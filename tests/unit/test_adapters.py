@@ -6,13 +6,10 @@ weights for CPU inference and silently drop gradients through the frozen base fr
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ftdist.config import ModelConfig, PeftConfig, TinyModelSpec
 from ftdist.model.loading import load_model
-
-pytest.importorskip("bitsandbytes")
 
 
 def _loss_and_adapter_grads(model, ids):

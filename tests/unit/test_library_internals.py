@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import bitsandbytes as bnb  # the dev extra installs it: missing fails here, never skips
 import pytest
 import torch
 
@@ -16,7 +17,6 @@ from ftdist.compat import LibraryInternalsError, library_version
 from ftdist.config import PeftConfig
 from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config, quantize_4bit_on
 
-bnb = pytest.importorskip("bitsandbytes")
 Params4bit, Linear4bit = bnb.nn.Params4bit, bnb.nn.Linear4bit
 CPU = torch.device("cpu")
 LINEARS_PER_LLAMA_BLOCK = 7  # q, k, v, o, gate, up, down
@@ -131,7 +131,6 @@ def test_keep_4bit_weights_trainable_refuses_a_bitsandbytes_without_the_switch(m
 
 
 def test_deepspeed_on_cpu_never_builds_its_shared_memory_all_reduce():
-    pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
 
@@ -145,7 +144,8 @@ def test_deepspeed_on_cpu_never_builds_its_shared_memory_all_reduce():
 
 
 def test_deepspeed_without_the_shm_comm_entry_is_refused(monkeypatch):
-    deepspeed = pytest.importorskip("deepspeed")
+    import deepspeed
+
     from ftdist.parallel.deepspeed import SHM_COMM_OP, _import_deepspeed
 
     monkeypatch.delitem(deepspeed.ops.__compatible_ops__, SHM_COMM_OP)
@@ -154,7 +154,7 @@ def test_deepspeed_without_the_shm_comm_entry_is_refused(monkeypatch):
 
 
 def test_deepspeed_engine_has_the_zero3_consolidation_ftdist_saves_through():
-    deepspeed = pytest.importorskip("deepspeed")
+    import deepspeed
     assert callable(deepspeed.DeepSpeedEngine._zero3_consolidated_16bit_state_dict)
 
 

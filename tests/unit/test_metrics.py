@@ -84,8 +84,6 @@ def test_full_fine_tuning_step_flops_by_hand(tiny_model_dir, layout):
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_adapter_step_flops_by_hand(tiny_model_dir, method, layout):
     """4 N_frozen + 6 N_adapter: frozen weights pass activation gradients back but get none."""
-    if method == "qlora":
-        pytest.importorskip("bitsandbytes")
     r = 4
     model = tiny_model(PeftConfig(method=method, r=r))
     frozen = hand_matmul_params(model.config.vocab_size)  # all-linear adapts all but the head
@@ -113,8 +111,6 @@ def test_full_fine_tuning_is_six_flops_per_parameter(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_adapters_add_weight_gradients_only_for_what_trains(tiny_model_dir, method):
-    if method == "qlora":
-        pytest.importorskip("bitsandbytes")
     model = tiny_model(PeftConfig(method=method, r=4))
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The 4-bit base counts as the weights it stands for, not its packed storage.
