@@ -11,6 +11,7 @@ no state of its own: the sampler derives each step's batch from (seed, step), pa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -93,6 +94,20 @@ def save_checkpoint(trainer) -> Path:
         log.info("checkpoint saved: %s", final)
     strategy.barrier()
     return final
+
+
+def train_data_fingerprint(examples, items: list[list[int]]) -> str:
+    """sha256 over every training example's token ids and labels and over how items group them:
+    resuming on other data of the same size would silently train on other batches."""
+    h = hashlib.sha256()
+    for e in examples:
+        ids = np.asarray(e.input_ids, dtype=np.int64)
+        h.update(np.int64(ids.size).tobytes())
+        h.update(ids.tobytes())
+        h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+    for item in items:
+        h.update(np.asarray([len(item), *item], dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def prune(run_dir: Path, keep: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint
+from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
@@ -376,8 +377,13 @@ class Trainer:
             "zero_stage": self.cfg.strategy.zero_stage,
             "global_batch_size": self.global_batch_size,
             "num_train_items": len(self.train_items),
+            "train_data_sha256": self.train_data_sha256,
             "seed": self.cfg.seed,
         }
+
+    @functools.cached_property
+    def train_data_sha256(self) -> str:
+        return train_data_fingerprint(self.train_examples, self.train_items)
 
     def check_resumable(self, state: dict, path: Path) -> None:
         """The data order is a function of (seed, global batch, items): all must match."""
@@ -388,6 +394,16 @@ class Trainer:
                     f"resume: {path} was saved with {key}={state[key]}, this run has {value}; "
                     "the remaining batches would differ (keep seed, batch sizes x ranks and data, or resume=none)"
                 )
+        saved = state.get("train_data_sha256")
+        if saved is None:  # written before checkpoints carried it
+            log.warning("resume: %s predates training-data fingerprints; not checking that the data is the same", path)
+        elif saved != self.train_data_sha256:
+            raise ConfigError(
+                f"resume: {path} was saved with other training data: the same number of items "
+                f"({len(self.train_items)}) but their token ids, labels or packing differ (train data sha256 "
+                f"{saved[:12]}..., this run {self.train_data_sha256[:12]}...); the remaining batches would differ "
+                "(keep data.* and the tokenizer, or resume=none)"
+            )
 
     def restore_checkpoint_state(self, state: dict) -> None:
         self.step = self.checkpointed_step = state["step"]
