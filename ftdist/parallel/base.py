@@ -192,7 +192,14 @@ class Strategy:
 
         options = StateDictOptions(ignore_frozen_params=True)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        model_state = self._without_frozen_aliases(model, model_state)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+    def _without_frozen_aliases(self, model: torch.nn.Module, model_state: dict) -> dict:
+        """ignore_frozen_params misses a frozen parameter's second name: a tied lm_head.weight
+        (the frozen embedding under PEFT) would be saved whole in every checkpoint."""
+        frozen = {n for n, p in self.unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k: v for k, v in model_state.items() if k not in frozen}
 
     def load_checkpoint(self, model, optimizer, path, trainer_state: dict) -> None:
         if trainer_state.get("strategy") == "deepspeed":
@@ -204,7 +211,7 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-        state = {"model": model_state, "optimizer": optim_state}
+        state = {"model": self._without_frozen_aliases(model, model_state), "optimizer": optim_state}
         # DCP fills exactly the keys asked for (it raises on any missing from the checkpoint);
         # strict=False then only tolerates the frozen base, which was never saved.
         dcp.load(state, checkpoint_id=str(path))
