@@ -93,8 +93,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         # W&B starts before data and model: a set-up error costs seconds, not a 70B load.
         tracker = start_wandb(cfg, strategy, run_dir)
         setup_logging(run_dir, strategy.is_main)
-        if strategy.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
+        run_files = {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True)}
         log.info(
             "run directory: %s (strategy %s, world size %d, device %s, backend %s)",
             run_dir, cfg.strategy.name, strategy.world_size, strategy.device, strategy.backend,
@@ -105,10 +104,19 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         if strategy.is_main and resume_from is not None:
             log.info("resuming from %s", resume_from)
 
+        def write_run_files() -> None:
+            if strategy.is_main:
+                for name, text in run_files.items():
+                    (run_dir / name).write_text(text)
+
+        if resume_from is None:
+            write_run_files()  # now, so a run that fails later still says what it was
+
         tokenizer = load_tokenizer(cfg.model)
         train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
-        if strategy.is_main:
-            (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
+        if resume_from is None:
+            write_run_files()
         log.info("data: %s", json.dumps(report.to_dict()))
 
         with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
@@ -116,7 +124,8 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         trainer = Trainer(
             cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker=tracker
         )
-        summary = trainer.fit(resume_from)
+        # A resumed run's files replace the old ones only once its checkpoint is accepted.
+        summary = trainer.fit(resume_from, on_resumed=write_run_files)
         if cfg.train.save_final and summary.get("complete", True):
             summary["final_dir"] = str(trainer.save_final())
         trainer.metrics.close(summary)

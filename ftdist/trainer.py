@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -279,13 +280,16 @@ class Trainer:
 
     # --- the whole run ----------------------------------------------------------------------
 
-    def fit(self, resume_from: Path | None = None) -> dict:
+    def fit(self, resume_from: Path | None = None, on_resumed: Callable[[], None] | None = None) -> dict:
         """Train to total_steps (from a checkpoint where given); raises Preempted after saving
-        a checkpoint when a preemption signal reached any rank."""
+        a checkpoint when a preemption signal reached any rank. on_resumed runs once the
+        checkpoint has been accepted (a refused one must leave the run directory as it was)."""
         cfg = self.cfg
         has_val = len(self.val_examples) > 0
         if resume_from is not None:
             load_checkpoint(self, resume_from)
+            if on_resumed is not None:
+                on_resumed()
             if self.strategy.is_main:
                 (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             self.metrics.truncate_after(self.step)  # lines the interrupted run wrote past the checkpoint

@@ -181,15 +181,13 @@ def test_refused_resume_with_other_data_of_the_same_size_names_what_differs(refu
     assert all(after.get(k) == v for k, v in before.items() if k.startswith(KEPT))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ftdist.train writes config.yaml and data_report.json before the resume check refuses: a "
-    "refused resume leaves the run directory describing a config its checkpoints were not trained with",
-)
-def test_refused_resume_keeps_the_runs_config_yaml(refused):
+def test_refused_resume_keeps_the_runs_config_and_data_report(refused):
+    """A resumed run's config.yaml and data_report.json replace the old ones only once its
+    checkpoint is accepted: a refused one leaves them describing the run that wrote them."""
     target, before, _ = refused
     after = snapshot(target)
     assert after["config.yaml"] == before["config.yaml"]
+    assert after["data_report.json"] == before["data_report.json"]
 
 
 # --- PEFT checkpoints and --cfg job -------------------------------------------------------------------
