@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
+from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
@@ -108,7 +109,9 @@ class Trainer:
             if t.max_steps is not None
             else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size)
         )
-        self.attn_implementation = getattr(model.config, "_attn_implementation", "sdpa")
+        self.attn_implementation = require_attr(
+            model.config, "_attn_implementation", "transformers", "packed batches need the backend the model loaded with"
+        )
         self.sliding_window = sliding_window_of(model.config)
         self.model_dtype = next(model.parameters()).dtype
         self.flops = TrainFlops.of(model)

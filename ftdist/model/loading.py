@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftdist.compat import require_attr
 from ftdist.config import ConfigError, ModelConfig, PeftConfig
 from ftdist.model.adapters import (
     apply_adapters,
@@ -115,7 +116,10 @@ def choose_attention(cfg: ModelConfig, config, device: torch.device, path: str) 
         )
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     backend = "sdpa" if attn.endswith("sdpa") else attn  # ftdist's document sdpa needs transformers' sdpa
-    supported = ["eager"] + [name for name, flag in ATTENTION_SUPPORT.items() if getattr(model_class, flag, False)]
+    supported = ["eager"] + [
+        name for name, flag in ATTENTION_SUPPORT.items()
+        if require_attr(model_class, flag, "transformers", "ftdist reads which attention backends a model class has")
+    ]
     if backend in supported:
         return attn
     if cfg.attn_implementation == "auto":
