@@ -1,11 +1,11 @@
 """Exact match (`eval.exact_match_samples`) reports what a plain greedy decode of each prompt gives.
 
-The runs learn six question -> city pairs; the validation file holds those six and two questions
-the model never saw, so the fine-tuned score is neither 0 nor 1 and the base model's is 0. Each
-run's per-example record (output_dir/eval/exact_match_step_N.jsonl) and its reported score are
-checked against an independent decode in this process: the run's final/ model (or the base model
-for step 0) loaded with transformers, each prompt alone, unpadded, no KV cache, argmax token by
-token until eos or eval.max_new_tokens.
+The runs learn memorize_task's six question -> city pairs; its validation file holds those six
+and two questions never trained on, so the fine-tuned score is neither 0 nor 1 and the base
+model's is 0. Each run's per-example record (output_dir/eval/exact_match_step_N.jsonl) and its
+reported score are checked against an independent decode in this process: the run's final/
+model (or the base model for step 0) loaded with transformers, each prompt alone, unpadded, no
+KV cache, argmax token by token until eos or eval.max_new_tokens.
 
 Two ranks split the prompts; under fsdp and zero3 the parameters are sharded, so ranks generate
 in lock-step (synced_gpus), and with 7 samples in chunks of 3 rank 1 runs one filler chunk.
@@ -18,55 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, read_metrics, run_train, worker_config
-
-SEEN = [
-    ("Where does Ana Silva live?", "Lisbon"),
-    ("Where does Ben Meyer live?", "Berlin"),
-    ("Where does Chloe Dubois live?", "Paris"),
-    ("Where does David Rossi live?", "Rome"),
-    ("Where does Elena Novak live?", "Prague"),
-    ("Where does Farid Haddad live?", "Cairo"),
-]
-UNSEEN = [("Where does Grace Kim live?", "Seoul"), ("Where does Hugo Larsen live?", "Oslo")]
-# Unseen at 1 and 4; the 8th row lies past exact_match_samples and must not be evaluated.
-VALIDATION = [SEEN[0], UNSEEN[0], SEEN[1], SEEN[2], UNSEEN[1], SEEN[3], SEEN[4], SEEN[5]]
-SAMPLES, MAX_NEW_TOKENS, STEPS = 7, 8, 60
-RUNS = {  # name: (overrides, nproc); the global batch is 8 in every run
-    "single": (["train.micro_batch_size=8"], None),
-    "fsdp": (["strategy=fsdp", "train.micro_batch_size=4"], 2),
-    "zero3": (["strategy=zero3", "train.micro_batch_size=4"], 2),
-}
+from helpers import read_metrics, worker_config
+from memorize_task import MAX_NEW_TOKENS, SAMPLES, STEPS, VALIDATION, task_run
 
 
-def write_jsonl(path: Path, pairs) -> None:
-    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("exact_match_data")
-    write_jsonl(root / "train.jsonl", SEEN * 20)
-    write_jsonl(root / "val.jsonl", VALIDATION)
-    return [
-        f"data.path={root / 'train.jsonl'}",
-        f"data.validation_path={root / 'val.jsonl'}",
-        f"train.max_steps={STEPS}",
-        f"eval.exact_match_samples={SAMPLES}",
-        f"eval.max_new_tokens={MAX_NEW_TOKENS}",
-        "eval.batch_size=3",
-    ]
-
-
-@pytest.fixture(scope="module", params=list(RUNS))
-def run(request, data, tmp_path_factory):
-    if request.param == "zero3":
-        pytest.importorskip("deepspeed")
-    overrides, nproc = RUNS[request.param]
-    out = tmp_path_factory.mktemp("exact_match") / request.param
-    all_overrides = [*FAST, *data, *overrides]
-    run_train([*all_overrides, f"output_dir={out}"], nproc=nproc)
-    return out, all_overrides
+@pytest.fixture(scope="module", params=["single", "fsdp", "zero3"])
+def run(request, tmp_path_factory):
+    return task_run(request.param, tmp_path_factory)
 
 
 @torch.no_grad()
