@@ -22,15 +22,16 @@ from pathlib import Path
 from helpers import FAST, REPO, run_env
 
 SEEN = [
-    ("Where does Ana Silva live?", "Lisbon"),
+    ("Where does Ana live?", "Lisbon"),
     ("Where does Ben Meyer live?", "Berlin"),
-    ("Where does Chloe Dubois live?", "Paris"),
-    ("Where does David Rossi live?", "Rome"),
+    ("Where does Chloe Dubois Costa live?", "Paris"),
+    ("Where does David live?", "Rome"),
     ("Where does Elena Novak live?", "Prague"),
-    ("Where does Farid Haddad live?", "Cairo"),
+    ("Where does Farid Haddad Berg live?", "Cairo"),
 ]
-UNSEEN = [("Where does Grace Kim live?", "Seoul"), ("Where does Hugo Larsen live?", "Oslo")]
-# Unseen at 1 and 4; the 8th row lies past exact_match_samples and must not be evaluated.
+UNSEEN = [("Where does Grace Kim live?", "Seoul"), ("Where does Hugo live?", "Oslo")]
+# Unseen at 1 and 4; the 8th row lies past exact_match_samples and must not be evaluated. Names
+# of 1-3 words: every chunk of generation (3 prompts, however split over ranks) is left-padded.
 VALIDATION = [SEEN[0], UNSEEN[0], SEEN[1], SEEN[2], UNSEEN[1], SEEN[3], SEEN[4], SEEN[5]]
 SAMPLES, MAX_NEW_TOKENS, STEPS = 7, 8, 60
 # Two ranks split 7 prompts 4 + 3; in chunks of 3, rank 1 runs a filler chunk under sharding.

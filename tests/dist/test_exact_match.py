@@ -57,6 +57,8 @@ def test_exact_match_equals_an_independent_greedy_decode(run, when):
     tokenizer = load_tokenizer(cfg.model)
     _, val, _ = prepare_data(cfg.data, tokenizer, cfg.seed)
     assert [e.reference for e in val] == [r for _, r in VALIDATION]
+    for chunk in ([0, 1, 2], [3, 4, 5], [0, 2, 4], [1, 3, 5]):  # one process, rank 0, rank 1
+        assert len({len(val[i].prompt_ids) for i in chunk}) > 1, chunk  # padding is exercised
     model_dir = resolve_model_path(cfg.model) if when == "before" else run_dir / "final"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected = [greedy_decode(model, tokenizer, e.prompt_ids) for e in val[:SAMPLES]]
