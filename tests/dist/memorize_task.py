@@ -57,10 +57,6 @@ def task_run(name: str, tmp_path_factory) -> tuple[Path, list[str]]:
     """(output_dir, the run's overrides) of run `name`, launched on first request."""
     if name in _launched:
         return _launched[name]
-    if name.startswith("zero"):
-        import pytest
-
-        pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp(f"memorize_{name}")
     _write_jsonl(root / "train.jsonl", SEEN * 20)
     _write_jsonl(root / "val.jsonl", VALIDATION)
