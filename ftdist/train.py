@@ -163,23 +163,31 @@ def main(dcfg: DictConfig) -> None:
     fresh = not run_dir.is_dir() or not any(run_dir.iterdir())  # Hydra made it for this run
     try:
         run(dcfg)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            exit_now(0)
+        leave(0)
     except Preempted as e:
         print(f"ftdist: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        leave(EXIT_PREEMPTED)
     except PreflightError as e:
         print(f"ftdist: PreflightError: {e}", file=sys.stderr)
         remove_unused_run_dir(run_dir, fresh)
-        sys.exit(EXIT_PREFLIGHT)
+        leave(EXIT_PREFLIGHT)
     except NonFiniteError as e:
         print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
-        sys.exit(EXIT_NONFINITE)
+        leave(EXIT_NONFINITE)
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
         remove_unused_run_dir(run_dir, fresh)
-        sys.exit(EXIT_BAD_INPUT)
+        leave(EXIT_BAD_INPUT)
+
+
+def leave(code: int) -> None:
+    """End the process with `code`: through exit_now under torchrun (every code, 75 included: a
+    preempted rank aborted in teardown in CI, and torchrun then reported exit 1, not 75)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_now(code)
+    if code != 0:
+        sys.exit(code)
 
 
 def remove_unused_run_dir(run_dir: Path, fresh: bool) -> None:

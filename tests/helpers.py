@@ -148,3 +148,19 @@ def worker_main(main) -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     main(out, sys.argv[2:])
+
+
+def in_process_trainer(tmp_path, model, tokenizer, examples, packing: bool, micro: int, attn: str = "sdpa"):
+    """A single-process Trainer over `examples` (its first 5 as validation), built in this process
+    for step-level comparisons (packed against padded, with and without sliding windows)."""
+    from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
+    from ftdist.parallel.base import Strategy
+    from ftdist.trainer import Trainer
+
+    cfg = FtdistConfig(
+        model=ModelConfig(tiny=TinyModelSpec(), attn_implementation=attn),
+        data=DataConfig(path="unused", max_seq_len=128, packing=packing),
+        train=TrainConfig(micro_batch_size=micro, grad_accum_steps=1),
+        output_dir=str(tmp_path),
+    )
+    return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:5], tmp_path)

@@ -7,16 +7,13 @@ import random
 
 import pytest
 import torch
-from helpers import random_examples
+from helpers import in_process_trainer, random_examples
 from transformers import AutoModelForCausalLM
 
-from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
 from ftdist.data.loader import GlobalBatchSampler
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.model.attention import DOCUMENT_SDPA, model_inputs, register_attention_functions
-from ftdist.parallel.base import Strategy
-from ftdist.trainer import Trainer
 
 
 def test_pack_documents_places_every_document_once_within_capacity():
@@ -88,22 +85,12 @@ def test_position_ids_alone_do_not_separate_documents(tiny_model_dir):
     assert (leaky[n0:] - alone).abs().max().item() > 1e-2
 
 
-def make_trainer(tmp_path, model, tokenizer, examples, packing: bool, micro: int, attn: str = "sdpa"):
-    cfg = FtdistConfig(
-        model=ModelConfig(tiny=TinyModelSpec(), attn_implementation=attn),
-        data=DataConfig(path="unused", max_seq_len=128, packing=packing),
-        train=TrainConfig(micro_batch_size=micro, grad_accum_steps=1),
-        output_dir=str(tmp_path),
-    )
-    return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:5], tmp_path)
-
-
 @pytest.mark.parametrize("attn", [DOCUMENT_SDPA, "sdpa", "eager"])
 def test_packed_batch_loss_and_gradients_equal_padded(tiny_model_dir, tiny_tokenizer, tmp_path, attn):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     examples = random_examples(12, seed=7)
-    padded = make_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=False, micro=12, attn=attn)
-    packed = make_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=True, micro=len(examples), attn=attn)
+    padded = in_process_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=False, micro=12, attn=attn)
+    packed = in_process_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=True, micro=len(examples), attn=attn)
     assert len(packed.train_items) < len(examples)  # several documents per row
     # One global batch holding every document, in both layouts.
     packed.sampler = GlobalBatchSampler(len(packed.train_items), len(packed.train_items), seed=0)

@@ -12,10 +12,9 @@ import copy
 
 import pytest
 import torch
-from helpers import random_examples
+from helpers import in_process_trainer, random_examples
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
 from ftdist.data.loader import GlobalBatchSampler, collate
 from ftdist.data.packing import collate_packed
 from ftdist.model.attention import (
@@ -25,8 +24,6 @@ from ftdist.model.attention import (
     register_attention_functions,
     sliding_window_of,
 )
-from ftdist.parallel.base import Strategy
-from ftdist.trainer import Trainer
 
 WINDOW = 8
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -161,24 +158,14 @@ def test_sliding_window_of_reads_each_architecture():
     assert sliding_window_of(gemma2) == SlidingWindow(4096, False)
 
 
-def make_trainer(tmp_path, model, tokenizer, examples, packing: bool, micro: int, attn: str):
-    cfg = FtdistConfig(
-        model=ModelConfig(tiny=TinyModelSpec(), attn_implementation=attn),
-        data=DataConfig(path="unused", max_seq_len=128, packing=packing),
-        train=TrainConfig(micro_batch_size=micro, grad_accum_steps=1),
-        output_dir=str(tmp_path),
-    )
-    return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:5], tmp_path)
-
-
 @pytest.mark.parametrize("attn", [DOCUMENT_SDPA, "eager"])
 def test_trainer_packed_loss_and_gradients_equal_padded_with_a_window(
     windowed_model_dir, tiny_tokenizer, tmp_path, attn
 ):
     base = AutoModelForCausalLM.from_pretrained(windowed_model_dir, attn_implementation=attn)
     examples = long_documents(10, seed=15)
-    padded = make_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=False, micro=10, attn=attn)
-    packed = make_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=True, micro=10, attn=attn)
+    padded = in_process_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=False, micro=10, attn=attn)
+    packed = in_process_trainer(tmp_path, copy.deepcopy(base), tiny_tokenizer, examples, packing=True, micro=10, attn=attn)
     assert len(packed.train_items) < len(examples)  # several documents per row
     packed.sampler = GlobalBatchSampler(len(packed.train_items), len(packed.train_items), seed=0)
     packed.cfg.train.micro_batch_size = len(packed.train_items)
