@@ -3,6 +3,9 @@
 #   1. install the wheels the GPU machine lacks (.whl/: hydra-core, omegaconf, antlr4, bitsandbytes)
 #   2. versions: nvidia-smi, python, torch, transformers, peft, triton, bitsandbytes (+ a 4-bit smoke test)
 #   3. the CUDA tests: FTDIST_TEST_GPU=1 pytest -m gpu tests/gpu
+#      (never yet run on a GPU: test_cuda_flex_training.py (flex backward vs per-document sdpa,
+#      packed flex training vs sdpa), test_cuda_sliding_window.py (flash/flex/sdpa keep a sliding
+#      window per packed document), test_qlora_loading.py (FSDP+QLoRA loading into CPU memory))
 #   4. benchmarks/packing.py on the GPU, sdpa then flex_attention (bucketed padded baseline, warmed shapes)
 #   5. benchmarks/gpu_adapters.py: Llama-3.1-8B LoRA and QLoRA on one GPU
 # Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (6 files):
