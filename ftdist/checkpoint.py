@@ -128,5 +128,11 @@ def load_checkpoint(trainer, path: Path) -> None:
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))
     else:
-        log.warning("resume: %s has no RNG state for rank %d (saved with fewer ranks)", path, trainer.strategy.rank)
+        # Expected after resharding to more ranks; otherwise the file was lost. Either way the
+        # resumed steps will not repeat an uninterrupted run's random draws (dropout).
+        saved = sorted(p.name for p in (path / "rng").glob("rank*.pt"))
+        log.warning(
+            "resume: %s has no RNG state for rank %d (it holds %s): random draws from here on differ from an "
+            "uninterrupted run's", path, trainer.strategy.rank, ", ".join(saved) or "none",
+        )
     log.info("resumed from %s at step %d", path, trainer.step)
