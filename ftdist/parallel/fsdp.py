@@ -83,9 +83,14 @@ class FSDPStrategy(DistributedStrategy):
     shards_parameters = True
     loads_on_rank0_only = True
 
-    def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
-        if self.cfg.cpu_offload and self.device.type != "cuda":
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Checked here, before any weights load, so the run stops with one line (README: errors).
+        if cfg.cpu_offload and self.device.type != "cuda":
+            self.shutdown()
             raise ConfigError("strategy.cpu_offload=true moves shards from GPU to CPU memory; this run is on CPU already")
+
+    def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
         self.handles_mixed_precision = bf16
         # bf16 compute, fp32 gradient reduction: summing over ranks in bf16 loses precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
