@@ -220,7 +220,7 @@ class ClusterConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    gpu_mem_gb: float = 80.0  # usable memory of one GPU, GB (10^9 bytes)
+    gpu_mem_gb: float = 80.0  # memory of one GPU, GiB (2^30 bytes: a GPU sold as 80 GB holds 80 GiB)
     gpu: str = "h100"  # peak FLOP/s from ftdist.metrics.GPU_PEAK_FLOPS (h100, h200, a100, l40s, ...)
     cpu_mem_gb: float = 1024.0  # host memory per node, GB: the bound on offloaded state
 

@@ -270,9 +270,6 @@ def test_every_experiment_comment_names_its_hardware(path):
     assert any(HARDWARE.search(line) for line in comment_lines(path)), f"{path.name}: no hardware in its comments"
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="README claims a launch line; tiny_cpu.yaml has none"))
-    if p.stem == "tiny_cpu" else p for p in EXPERIMENTS
-], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_comment_has_a_launch_line(path):
     assert any(LAUNCH.search(line) for line in comment_lines(path)), f"{path.name}: no launch line in its comments"
