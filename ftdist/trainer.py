@@ -10,7 +10,6 @@ accumulation splits and world sizes all give the same gradient.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -88,7 +87,7 @@ class Trainer:
         train_examples: list[Example],
         val_examples: list[Example],
         run_dir: Path,
-        tracker: WandbTracker | None = None,  # started by ftdist.train before the model loads
+        tracker: WandbTracker | None = None,  # W&B on rank 0: tracking.start_wandb, before the model loads
     ):
         self.cfg = cfg
         self.strategy = strategy
@@ -125,8 +124,6 @@ class Trainer:
             cfg.train,
             self.bf16,
         )
-        if tracker is None and strategy.is_main and cfg.tracking.backend == "wandb":
-            tracker = WandbTracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), f"{cfg.experiment_name}-{run_dir.name}")
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main, tracker=tracker)
         self.step = 0
         self.total_tokens = 0
