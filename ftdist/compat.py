@@ -56,3 +56,14 @@ def require_attr(obj, name: str, library: str, needed_for: str):
         return getattr(obj, name)
     except AttributeError:
         raise library_error(library, f"{_owner_name(obj)}.{name} not found", needed_for) from None
+
+
+def require_private(module: str, name: str, library: str, needed_for: str):
+    """`name` from a library's private module (e.g. hydra._internal...), or a LibraryInternalsError."""
+    import importlib
+
+    try:
+        owner = importlib.import_module(module)
+    except ImportError as e:
+        raise library_error(library, f"{module} cannot be imported ({e})", needed_for) from None
+    return require_attr(owner, name, library, needed_for)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftdist.compat import library_error, require_attr
+from ftdist.compat import require_attr, require_private
 from ftdist.config import (
     ConfigError,
     FtdistConfig,
@@ -38,11 +38,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     needed_for = "ftdist expands a multirun's overrides with Hydra's own sweeper"
-    try:
-        from hydra._internal.core_plugins import basic_sweeper
-    except ImportError as e:  # a private module of Hydra's
-        raise library_error("hydra-core", f"hydra._internal.core_plugins.basic_sweeper: {e}", needed_for) from e
-    sweeper = require_attr(basic_sweeper, "BasicSweeper", "hydra-core", needed_for)
+    sweeper = require_private("hydra._internal.core_plugins.basic_sweeper", "BasicSweeper", "hydra-core", needed_for)
     parsed = OverridesParser.create().parse_overrides(overrides)
     return require_attr(sweeper, "split_arguments", "hydra-core", needed_for)(parsed, max_batch_size=None)[0]
 

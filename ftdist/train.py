@@ -222,8 +222,11 @@ def check_command_line(argv: list[str]) -> None:
     """Compose and validate every run of this command line (each one of a -m sweep) before Hydra
     starts: Hydra would make the run directory first, and report its own composition errors as a
     block on stderr with exit code 1."""
-    from hydra._internal.utils import get_args_parser
+    from ftdist.compat import require_private
 
+    get_args_parser = require_private(
+        "hydra._internal.utils", "get_args_parser", "hydra-core", "ftdist parses the command line as hydra.main will"
+    )
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # not Hydra's syntax: hydra.main prints its usage
