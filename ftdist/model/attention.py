@@ -167,15 +167,13 @@ def block_diagonal_causal(document_ids: torch.Tensor, window: int | None = None)
 def flex_block_mask(document_ids: torch.Tensor, window: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def same_document_causal(b, h, q, k):
-        return (document_ids[b, q] == document_ids[b, k]) & (q >= k)
-
-    def same_document_window(b, h, q, k):
-        return (document_ids[b, q] == document_ids[b, k]) & (q >= k) & (q - k < window)
-
     b, t = document_ids.shape
-    mask_mod = same_document_causal if window is None else same_document_window
-    return create_block_mask(mask_mod, b, None, t, t, device=document_ids.device)
+    reach = window if window is not None else t  # a window as long as the row is plain causal
+
+    def same_document_causal(b, h, q, k):
+        return (document_ids[b, q] == document_ids[b, k]) & (q >= k) & (q - k < reach)
+
+    return create_block_mask(same_document_causal, b, None, t, t, device=document_ids.device)
 
 
 def attention_kwargs(attn_implementation: str) -> dict:
