@@ -67,7 +67,7 @@ def agree_run_dir(strategy, proposed: str) -> Path:
 def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
     from ftdist.checkpoint import resolve_resume
-    from ftdist.data.prepare import prepare_data
+    from ftdist.data.prepare import check_data_source, prepare_data
     from ftdist.model.loading import check_model, load_model, load_tokenizer
     from ftdist.parallel import build_strategy
     from ftdist.tracking import start_wandb
@@ -89,6 +89,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         # The model's config.json (type, custom code, attention backend) is read before anything
         # is written: a wrong model fails in seconds and leaves no run directory behind.
         check_model(cfg.model, strategy.device)
+        check_data_source(cfg.data)  # a missing local file, before a hub tokenizer is retried
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
         # W&B starts before data and model: a set-up error costs seconds, not a 70B load.
         tracker = start_wandb(cfg, strategy, run_dir)

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 from ftdist.config import DataConfig
 from ftdist.data.formats import IGNORE, Example, RowEncoder
-from ftdist.data.sources import BadRow, DataError, Row, read_rows
+from ftdist.data.sources import BadRow, DataError, Row, check_data_source, read_rows
 
-__all__ = ["DataError", "DataReport", "Example", "prepare_data"]
+__all__ = ["DataError", "DataReport", "Example", "check_data_source", "prepare_data"]
 
 log = logging.getLogger(__name__)
 

@@ -41,17 +41,58 @@ class Row:
     problem: BadRow | None = None  # set when the record could not even be parsed
 
 
+def source_kind(path: str) -> str:
+    """What `path` names: synthetic | file | directory | missing (looks local, is not there) | hub."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return "synthetic"
+    if os.path.isfile(path):
+        return "file"
+    if os.path.isdir(path):
+        return "directory"
+    return "missing" if _looks_local(path) else "hub"
+
+
+def check_data_source(cfg) -> None:
+    """What can be told about `data.path` and `data.validation_path` without reading them
+    (`cfg` is a DataConfig); run before the tokenizer loads, since a hub tokenizer that cannot be
+    reached is retried for tens of seconds before a missing file would otherwise be reported."""
+    for key in ("path", "validation_path"):
+        path = getattr(cfg, key)
+        if path is not None:
+            _check_source(f"data.{key}", path)
+
+
+def _check_source(key: str, path: str) -> None:
+    kind = source_kind(os.path.expanduser(path))
+    if kind == "missing":
+        raise DataError(
+            f"{key}={path}: data file not found (working directory: {os.getcwd()}); a path with a file extension "
+            f"({', '.join(LOCAL_EXTENSIONS)}) or starting with /, ./, ../ or ~/ is read as a local file, "
+            "anything else as a hub dataset name"
+        )
+    if kind == "file" and not path.lower().endswith(LOCAL_EXTENSIONS):
+        ext = os.path.splitext(path)[1] or "(none)"
+        raise DataError(f"{key}={path}: unsupported data file type '{ext}'; use one of {', '.join(LOCAL_EXTENSIONS)}")
+    if kind == "synthetic":
+        from ftdist.data.synthetic import TASKS
+
+        name = path[len(SYNTHETIC_PREFIX):]
+        if name not in TASKS:
+            raise DataError(f"{key}={path}: unknown synthetic task {name!r}; known: {', '.join(sorted(TASKS))}")
+
+
 def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0) -> list[Row]:
     """All rows of `path`, in source order. Raises DataError when the source cannot be read."""
-    if path.startswith(SYNTHETIC_PREFIX):
+    path = os.path.expanduser(path)  # Hydra passes ~/data.jsonl through unexpanded
+    kind = source_kind(path)
+    if kind == "synthetic":
         return _synthetic_rows(path[len(SYNTHETIC_PREFIX):], num_synthetic_rows, seed)
-    if os.path.isfile(path):
+    if kind == "file":
         return _local_rows(path)
-    if os.path.isdir(path):
-        # A dataset repository on disk (e.g. a downloaded hub dataset): the same loader as a name.
-        return _hub_rows(path, split)
-    if _looks_local(path):
+    if kind == "missing":
         raise DataError(f"data file not found: {path} (working directory: {os.getcwd()})")
+    # A directory is a dataset repository on disk (e.g. a downloaded hub dataset): the same
+    # loader as a hub name.
     return _hub_rows(path, split)
 
 
