@@ -250,6 +250,10 @@ class FtdistConfig:
     # auto: continue from the newest complete checkpoint in output_dir/checkpoints (a fresh
     # start if there is none) | none: always start fresh | PATH: that checkpoint directory.
     resume: str = "auto"
+    # With resume=none: an output_dir holding a previous run that cannot be resumed is taken
+    # over, its files moved aside to <output_dir>.replaced-<time> (never deleted). Without it,
+    # such a directory is refused.
+    overwrite: bool = False
     seed: int = 0
     output_dir: str = MISSING
     experiment_name: str = "default"

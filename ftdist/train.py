@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,7 +30,14 @@ from ftdist.config import (
     register_schemas,
 )
 from ftdist.parallel.base import PreflightError
-from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT, NonFiniteError, Preempted
+from ftdist.resilience import (
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_PREFLIGHT,
+    NonFiniteError,
+    Preempted,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -66,12 +72,11 @@ def agree_run_dir(strategy, proposed: str) -> Path:
 
 def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
-    from ftdist.checkpoint import resolve_resume
-    from ftdist.data.prepare import check_data_source, prepare_data
-    from ftdist.model.loading import check_model, load_model, load_tokenizer
+    from ftdist.data.prepare import DataError, check_data_source
+    from ftdist.model.loading import check_model
     from ftdist.parallel import build_strategy
+    from ftdist.run_dir import claim_run_dir
     from ftdist.tracking import start_wandb
-    from ftdist.trainer import Trainer, use_bf16
 
     cfg = load_config(dcfg)
     if cfg.dry_run:  # sizing only: no process group, no weights, no data, nothing written
@@ -84,62 +89,90 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         return None, summary
     check_packages_import(cfg)
     strategy = build_strategy(cfg.strategy)
-    tracker = None
+    tracker, claim, bad_input = None, None, False
     try:
         # The model's config.json (type, custom code, attention backend) is read before anything
         # is written: a wrong model fails in seconds and leaves no run directory behind.
         check_model(cfg.model, strategy.device)
         check_data_source(cfg.data)  # a missing local file, before a hub tokenizer is retried
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
+        # Before anything is written into it: one run at a time, and what a rerun may do there.
+        claim = claim_run_dir(cfg, strategy, run_dir)
+        if claim.finished is not None:
+            return None, report_finished(run_dir, claim.finished, strategy.is_main)
         # W&B starts before data and model: a set-up error costs seconds, not a 70B load.
         tracker = start_wandb(cfg, strategy, run_dir)
         setup_logging(run_dir, strategy.is_main)
-        run_files = {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True)}
-        log.info(
-            "run directory: %s (strategy %s, world size %d, device %s, backend %s)",
-            run_dir, cfg.strategy.name, strategy.world_size, strategy.device, strategy.backend,
-        )
-        seed_everything(cfg.seed)
-        # Rank 0 decides, so all ranks resume from the same checkpoint even as new ones appear.
-        resume_from = strategy.broadcast_object(resolve_resume(cfg.resume, run_dir) if strategy.is_main else None)
-        if strategy.is_main and resume_from is not None:
-            log.info("resuming from %s", resume_from)
-
-        def write_run_files() -> None:
-            if strategy.is_main:
-                for name, text in run_files.items():
-                    (run_dir / name).write_text(text)
-
-        if resume_from is None:
-            write_run_files()  # now, so a run that fails later still says what it was
-
-        tokenizer = load_tokenizer(cfg.model)
-        train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
-        run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
-        if resume_from is None:
-            write_run_files()
-        log.info("data: %s", json.dumps(report.to_dict()))
-
-        with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
-            loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
-        trainer = Trainer(
-            cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker=tracker
-        )
-        # A resumed run's files replace the old ones only once its checkpoint is accepted.
-        summary = trainer.fit(resume_from, on_resumed=write_run_files)
-        if cfg.train.save_final and summary.get("complete", True):
-            summary["final_dir"] = str(trainer.save_final())
-        trainer.metrics.close(summary)
-        if strategy.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            report_summary(summary)
-        # Leave together: a rank tearing down gloo while another still talks to it aborts.
-        strategy.barrier()
-        return trainer, summary
+        claim.log_notes()
+        return train_in(cfg, dcfg, strategy, run_dir, claim.resume_from, tracker)
+    except (ConfigError, DataError, PreflightError):
+        bad_input = True  # the run directory goes if this invocation found it empty
+        raise
     finally:
         if tracker is not None:
             tracker.abort()  # finished already, unless the run failed
+        if claim is not None:
+            claim.close(remove=bad_input)  # after W&B: it writes into the directory until then
         strategy.shutdown()
+
+
+def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path | None, tracker):
+    """Data, model, Trainer.fit() and the run's files, in a run directory this invocation holds."""
+    from ftdist.data.prepare import prepare_data
+    from ftdist.model.loading import load_model, load_tokenizer
+    from ftdist.trainer import Trainer, use_bf16
+
+    run_files = {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True)}
+    log.info(
+        "run directory: %s (strategy %s, world size %d, device %s, backend %s)",
+        run_dir, cfg.strategy.name, strategy.world_size, strategy.device, strategy.backend,
+    )
+    seed_everything(cfg.seed)
+    if strategy.is_main and resume_from is not None:
+        log.info("resuming from %s", resume_from)
+
+    def write_run_files() -> None:
+        if strategy.is_main:
+            for name, text in run_files.items():
+                (run_dir / name).write_text(text)
+
+    if resume_from is None:
+        write_run_files()  # now, so a run that fails later still says what it was
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
+    run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
+    if resume_from is None:
+        write_run_files()
+    log.info("data: %s", json.dumps(report.to_dict()))
+
+    with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
+        loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+    trainer = Trainer(
+        cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker=tracker
+    )
+    # A resumed run's files replace the old ones only once its checkpoint is accepted.
+    summary = trainer.fit(resume_from, on_resumed=write_run_files)
+    if cfg.train.save_final and summary["complete"]:
+        summary["final_dir"] = str(trainer.save_final())
+    trainer.metrics.close(summary)
+    if strategy.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        report_summary(summary)
+    # Leave together: a rank tearing down gloo while another still talks to it aborts.
+    strategy.barrier()
+    return trainer, summary
+
+
+def report_finished(run_dir: Path, summary: dict, is_main: bool) -> dict:
+    """A rerun of a finished run (resume=auto): one line, and its files stay as they are."""
+    if is_main:
+        print(
+            f"ftdist: {run_dir} holds a finished run (summary.json, {summary.get('steps', '?')} steps): nothing to do; "
+            "to train again use a new output_dir, or resume=none overwrite=true",
+            file=sys.stderr,
+        )
+    return summary
 
 
 def report_summary(summary: dict) -> None:
@@ -154,7 +187,9 @@ def report_summary(summary: dict) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    from ftdist.checkpoint import CheckpointWriteError
     from ftdist.data.prepare import DataError
+    from ftdist.run_dir import remove_if_empty
     from ftdist.slurm import in_submitit_job, run_torchrun_in_job
 
     if in_submitit_job():  # hydra/launcher=slurm: this process only starts the node's torchrun
@@ -170,15 +205,18 @@ def main(dcfg: DictConfig) -> None:
         leave(EXIT_PREEMPTED)
     except PreflightError as e:
         print(f"ftdist: PreflightError: {e}", file=sys.stderr)
-        remove_unused_run_dir(run_dir, fresh)
+        remove_if_empty(run_dir, fresh)
         leave(EXIT_PREFLIGHT)
     except NonFiniteError as e:
         print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
         leave(EXIT_NONFINITE)
+    except CheckpointWriteError as e:  # disk full or quota: names the space needed and free
+        print(f"ftdist: CheckpointWriteError: {e}", file=sys.stderr)
+        leave(EXIT_CHECKPOINT_WRITE)
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
-        remove_unused_run_dir(run_dir, fresh)
+        remove_if_empty(run_dir, fresh)
         leave(EXIT_BAD_INPUT)
 
 
@@ -189,20 +227,6 @@ def leave(code: int) -> None:
         exit_now(code)
     if code != 0:
         sys.exit(code)
-
-
-def remove_unused_run_dir(run_dir: Path, fresh: bool) -> None:
-    """Leave nothing behind from a run that stopped before training: its run directory goes when
-    this invocation made it (empty at the start) and nothing trained (no checkpoints).
-
-    Rank 0 alone writes into it; a directory that held anything before (a run to resume) stays.
-    """
-    logging.shutdown()  # train.log is open
-    if not fresh or int(os.environ.get("RANK", "0")) != 0 or not run_dir.is_dir():
-        return
-    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def exit_now(code: int) -> None:

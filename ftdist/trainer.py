@@ -132,6 +132,7 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
+        self.carried: dict = {}  # summary figures of earlier invocations (restore_checkpoint_state)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ class Trainer:
             return {**self.summary(), "complete": False}
         if has_val:
             self._log_eval(self.evaluate(with_generation=True))
-        return self.summary()
+        return {**self.summary(), "complete": True}
 
     def _train_loop(self, has_val: bool) -> None:
         cfg = self.cfg
@@ -383,6 +384,7 @@ class Trainer:
             "num_train_items": len(self.train_items),
             "train_data_sha256": self.train_data_sha256,
             "seed": self.cfg.seed,
+            "summary_carry": self.summary_carry(),
         }
 
     @functools.cached_property
@@ -414,6 +416,7 @@ class Trainer:
         self.total_tokens = state["total_tokens"]
         self.skipped_steps = state["skipped_steps"]
         self.scheduler.load_state_dict(state["scheduler"])
+        self.carried = dict(state.get("summary_carry", {}))  # absent in checkpoints written before it
 
     def _progress_bar(self):
         if not (self.strategy.is_main and self.cfg.train.progress_bar):
@@ -426,19 +429,38 @@ class Trainer:
         interval = 1.0 if sys.stderr.isatty() else 60.0
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", mininterval=interval)
 
-    def summary(self) -> dict:
-        out = {"steps": self.step, "total_tokens": self.total_tokens}
+    def summary_carry(self) -> dict:
+        """The figures summary.json reports about the whole run that a resumed invocation cannot
+        measure again, as plain floats (trainer.pt loads with weights_only=True): the base model's
+        exact match (step 0), and the last train and eval losses so far."""
+        carry = dict(self.carried)
+        at_start = [r for r in self.eval_history if r["step"] == 0 and "exact_match" in r]
+        if at_start and "exact_match_before" not in carry:
+            carry["exact_match_before"] = float(at_start[0]["exact_match"])
         if self.history:
-            out["final_loss"] = self.history[-1]["loss"]
-            # This invocation's steps over its time: total_tokens also counts steps run before a resume.
+            carry["final_loss"] = float(self.history[-1]["loss"])
+        if self.eval_history:
+            carry["final_eval_loss"] = float(self.eval_history[-1]["eval_loss"])
+        return carry
+
+    def summary(self) -> dict:
+        """The whole run's figures (earlier invocations' carried in checkpoints), but
+        mean_tokens_per_s: this invocation's steps over its own training time."""
+        carry = self.summary_carry()
+        out = {"steps": self.step, "total_tokens": self.total_tokens}
+        if "final_loss" in carry:
+            out["final_loss"] = carry["final_loss"]
+        if self.history:
+            # total_tokens also counts steps run before a resume: not over this invocation's time.
             tokens = sum(r["tokens"] for r in self.history)
             out["mean_tokens_per_s"] = tokens / max(self.history[-1]["elapsed_s"], 1e-9)
-        with_em = [r for r in self.eval_history if "exact_match" in r]
-        if self.eval_history:
-            out["final_eval_loss"] = self.eval_history[-1]["eval_loss"]
-        if len(with_em) >= 2:
-            out["exact_match_before"] = with_em[0]["exact_match"]
-            out["exact_match_after"] = with_em[-1]["exact_match"]
+        if "final_eval_loss" in carry:
+            out["final_eval_loss"] = carry["final_eval_loss"]
+        measured = [r for r in self.eval_history if "exact_match" in r]
+        after = measured[1:] if measured and measured[0]["step"] == 0 else measured  # [0]: "before"
+        if "exact_match_before" in carry and after:
+            out["exact_match_before"] = carry["exact_match_before"]
+            out["exact_match_after"] = after[-1]["exact_match"]
         return out
 
     def save_final(self) -> Path | None:
