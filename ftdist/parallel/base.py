@@ -252,6 +252,9 @@ class Strategy:
     def broadcast_object(self, obj):
         return obj
 
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
     def barrier(self) -> None:
         pass
 
@@ -285,6 +288,11 @@ class DistributedStrategy(Strategy):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         dist.barrier()

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ftdist.compat import library_error, require_attr
 from ftdist.config import ConfigError, StrategyConfig, TrainConfig
@@ -257,7 +258,14 @@ class DeepSpeedStrategy(DistributedStrategy):
         """DeepSpeed's checkpoint under `path`; a collective every rank calls. Its files name
         each other relative to the directory given at load time (and `latest` holds only the
         tag), so ftdist's rename of step_N.partial to step_N does not break them."""
-        model.save_checkpoint(str(path), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        try:
+            model.save_checkpoint(str(path), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+        except Exception:
+            # DeepSpeed's save ends in one barrier, with no collective between its writes and it
+            # (read in 0.19.8's engine.save_checkpoint). A rank whose write raised (disk full)
+            # joins that barrier here, where the others wait for it; ftdist's vote comes next.
+            dist.barrier()
+            raise
 
     def load_checkpoint(self, model, optimizer, path, trainer_state: dict) -> None:
         check_same_layout(trainer_state, self.world_size, self.cfg.zero_stage, path)
