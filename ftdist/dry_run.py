@@ -47,7 +47,10 @@ def build_meta_model(cfg: FtdistConfig):
     ids of the base model's parameters)."""
     from transformers import AutoModelForCausalLM
 
+    from ftdist.console import quiet_library_hints
     from ftdist.model.adapters import apply_adapters
+
+    quiet_library_hints()  # before apply_adapters imports peft, and peft bitsandbytes
     from ftdist.model.architectures import model_config
     from ftdist.model.loading import DTYPES
 

@@ -52,13 +52,22 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
+    """Rank 0 logs INFO to the console and train.log; other ranks log WARNING and above, tagged
+    with their rank. ftdist.console decides which library messages show (each once per job)."""
+    from ftdist.console import install
+
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=fmt, handlers=handlers, force=True)
+    rank = "" if is_main else f"[rank {os.environ.get('RANK', '?')}] "
+    fmt = f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s"
+    level = logging.INFO if is_main else logging.WARNING
+    for handler in handlers:
+        handler.setLevel(level)  # also for libraries that set their own loggers to INFO
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install(handlers, is_main)
 
 
 def agree_run_dir(strategy, proposed: str) -> Path:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from ftdist.config import ConfigError, StrategyConfig
+from ftdist.console import pin_deepspeed_accelerator
 from ftdist.parallel.base import Strategy, launched_world_size
+
+# Now, on import: ftdist.train imports this package before anything imports DeepSpeed (the
+# package check of a zero* run, transformers saving a model), and each rank's DeepSpeed would
+# otherwise print its accelerator detection's 'Setting accelerator to CPU' warning.
+pin_deepspeed_accelerator()
 
 
 def build_strategy(cfg: StrategyConfig) -> Strategy:

@@ -39,6 +39,9 @@ SHM_COMM_OP = "deepspeed_shm_comm"  # the NAME of DeepSpeed's ShareMemCommBuilde
 
 
 def _import_deepspeed():
+    from ftdist.console import pin_deepspeed_accelerator
+
+    pin_deepspeed_accelerator()  # before DeepSpeed's first import, which detects and warns
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -155,6 +158,11 @@ class DeepSpeedStrategy(DistributedStrategy):
         super().__init__(cfg)
         # DeepSpeed reads LOCAL_RANK itself; a plain `python -m` run (one process) has none.
         os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+        # DeepSpeed's CPU accelerator counts the processes per node from LOCAL_SIZE (its own
+        # launcher sets it); without it ZeRO-3 ran `numactl --hardware` in a subprocess at every
+        # gradient reduction, and subprocess's catch_warnings reset Python's once-per-location
+        # warning memory, so torch's FutureWarnings came back every step.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
         # DeepSpeed's communication layer wraps the process group made above.
         self.deepspeed.init_distributed(dist_backend=self.backend, dist_init_required=False)
         self.shards_parameters = cfg.zero_stage == 3
