@@ -29,7 +29,7 @@ from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example
 from ftdist.evaluation import exact_match
-from ftdist.metrics import TrainFlops, device_peak_flops, logical_ndim, mfu, peak_memory_gb
+from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, logical_ndim, peak_memory_gb
 from ftdist.model.attention import model_inputs, sliding_window_of
 from ftdist.objectives import sft_loss_sum
 from ftdist.parallel.base import Strategy
@@ -224,6 +224,7 @@ class Trainer:
         self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)
         dt = time.perf_counter() - t0
+        step_mfu, self.peak_flops = checked_mfu(totals["flops"], dt, self.strategy.world_size, self.peak_flops, self.device)
         return {
             "step": self.step,
             "loss": totals["loss_sum"] / max(label_tokens, 1.0),
@@ -235,7 +236,7 @@ class Trainer:
             "documents": int(totals["documents"]),
             "packing_efficiency": tokens / max(totals["slots"], 1.0),
             "tokens_per_s": tokens / dt,
-            "mfu": mfu(totals["flops"], dt, self.strategy.world_size, self.peak_flops),
+            "mfu": step_mfu,
             "peak_mem_gb": peak_memory_gb(self.device),
             "epoch": self.sampler.epoch_at(self.step),
             "skipped_steps": self.skipped_steps,

@@ -173,3 +173,50 @@ def test_train_line_of_an_unknown_gpu_logs_mfu_null(tiny_model_dir, tiny_tokeniz
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert '"mfu": null' in line and json.loads(line)["mfu"] is None
     assert sum(name in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_step_beating_a_peak_measured_under_load_raises_it_with_one_warning(
+    tiny_model_dir, tiny_tokenizer, tmp_path, caplog, monkeypatch
+):
+    """A CPU peak measured while other processes held the cores is too low; a step then seems to
+    beat the hardware (mfu 1.54-1.72 was logged). The step proves the peak higher: it is raised
+    to the step's rate, the step logs 1.0, and a warning says so, once."""
+    import ftdist.metrics as metrics
+    from ftdist.parallel.base import Strategy
+    from ftdist.trainer import Trainer
+
+    monkeypatch.setattr(metrics, "_impossible_mfu_warned", set())
+    monkeypatch.setattr(metrics, "_cpu_peak_cache", dict(metrics._cpu_peak_cache))
+    cfg = FtdistConfig(
+        model=ModelConfig(tiny=TinyModelSpec()),
+        data=DataConfig(path="unused", max_seq_len=128),
+        train=TrainConfig(micro_batch_size=4, grad_accum_steps=1, max_steps=3),
+        output_dir=str(tmp_path),
+    )
+    examples = random_examples(12, seed=3)
+    trainer = Trainer(cfg, Strategy(cfg.strategy), tiny_model(), tiny_tokenizer, examples, examples[:2], tmp_path)
+    trainer.peak_flops = 1.0  # a start-up measure under load, at its extreme: any step beats it
+    with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
+        records = [trainer.train_step() for _ in range(3)]
+    assert all(0 < r["mfu"] <= 1.0 for r in records)
+    assert records[0]["mfu"] == 1.0 and trainer.peak_flops > 1.0
+    assert metrics._cpu_peak_cache[torch.get_num_threads()] == trainer.peak_flops  # later trainers start from it
+    warned = [r.getMessage() for r in caplog.records if "mfu" in r.getMessage()]
+    assert len(warned) == 1 and "> 1" in warned[0] and "raised to" in warned[0]
+
+
+def test_a_step_beating_a_gpu_datasheet_peak_is_logged_as_computed_and_warned(caplog, monkeypatch):
+    """A datasheet peak is not a measurement: beating it means the FLOP count is wrong, so the
+    figure stays (evidence), announced once, and the peak is not changed."""
+    import ftdist.metrics as metrics
+    from ftdist.metrics import checked_mfu
+
+    monkeypatch.setattr(metrics, "_impossible_mfu_warned", set())
+    gpu = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
+        assert checked_mfu(3e12, 1.0, 2, 1e12, gpu) == (pytest.approx(1.5), 1e12)
+        assert checked_mfu(4e12, 1.0, 2, 1e12, gpu) == (pytest.approx(2.0), 1e12)
+        assert checked_mfu(1e12, 1.0, 2, 1e12, gpu) == (pytest.approx(0.5), 1e12)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "mfu 1.50 > 1" in warned[0] and "FLOP count" in warned[0]
+    assert checked_mfu(3e12, 1.0, 2, None, gpu) == (None, None)  # unknown GPU: no peak, no figure
