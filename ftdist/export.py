@@ -1,11 +1,13 @@
-"""Export a training checkpoint as a Hugging Face model or PEFT adapter, on CPU.
+"""Export a training checkpoint or a run's final/ as a Hugging Face model or PEFT adapter, on CPU.
 
-    python -m ftdist.export RUN_DIR_OR_CHECKPOINT --out DIR [--merge] [--dtype bf16|fp32]
+    python -m ftdist.export RUN_DIR | CHECKPOINT | RUN_DIR/final --out DIR [--merge] [--dtype bf16|fp32]
 
-A run directory exports its newest complete checkpoint; the run's config.yaml (the
-checkpoint's grandparent) says what was trained. The weights are read on CPU from either
-checkpoint format (torch.distributed.checkpoint, or DeepSpeed's ZeRO files) and written through
+A run directory exports its newest complete checkpoint, or its final/ when it has none (the
+default: checkpoints are off unless checkpoint.every_steps is set); the run's config.yaml (next
+to checkpoints/ and final/) says what was trained. Checkpoint weights are read on CPU from either
+format (torch.distributed.checkpoint, or DeepSpeed's ZeRO files) and written through
 save_pretrained from a model built on the meta device, so no device ever holds the whole model.
+A full fine-tune's final/ is already a Hugging Face model: it is copied (converted with --dtype).
 
 - full fine-tuning: model.safetensors + config + tokenizer, loadable with from_pretrained;
 - PEFT: the adapter (PeftModel.from_pretrained(base, DIR)); with --merge, a full model with the
@@ -51,20 +53,45 @@ class MergeMismatch(RuntimeError):
 # --- finding the checkpoint and the run's config ------------------------------------------
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """`path` itself where it is a checkpoint, else the newest complete one of run dir `path`."""
+def resolve_source(path: Path) -> Path:
+    """`path` itself where it is a checkpoint or a run's final/; else, for run dir `path`, its
+    newest complete checkpoint, or its final/ when it has none."""
     if not path.exists():
-        raise ConfigError(f"{path}: no such run directory or checkpoint")
+        raise ConfigError(f"{path}: no such run directory, checkpoint or final/")
     if path.name.endswith(".partial"):
         raise ConfigError(f"{path}: an incomplete checkpoint (cut short while saving); export a complete step_N")
     if (path / "model_optimizer").is_dir():
         if not (path / "trainer.pt").is_file():
             raise ConfigError(f"{path}: not a complete ftdist checkpoint (no trainer.pt)")
         return path
+    if is_final(path):
+        return path
     found = complete_checkpoints(path)
-    if not found:
-        raise ConfigError(f"{path}: neither a checkpoint (no model_optimizer/) nor a run directory with checkpoints")
-    return found[-1]
+    if found:
+        return found[-1]
+    if (path / "final").is_dir():
+        return path / "final"
+    raise ConfigError(
+        f"{path}: neither a checkpoint (no model_optimizer/), a run's final/ (no adapter_config.json or config.json) "
+        "nor a run directory with checkpoints/step_N or final/"
+    )
+
+
+def is_final(path: Path) -> bool:
+    """A directory final/ as the trainer writes it: a PEFT adapter or a Hugging Face model."""
+    return path.name == "final" or (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
+
+
+def check_final(final: Path, cfg: FtdistConfig) -> None:
+    """final/ holds what the run's config says it trained, weights included."""
+    peft = cfg.peft.method != "none"
+    config = final / ("adapter_config.json" if peft else "config.json")
+    what = f"peft.method={cfg.peft.method} in {final.parent / 'config.yaml'}"
+    if not config.is_file():
+        raise ConfigError(f"{final}: no {config.name} ({what}); was final/ written completely?")
+    weights = ["adapter_model.safetensors"] if peft else ["model.safetensors", "model.safetensors.index.json"]
+    if not any((final / name).is_file() for name in weights):
+        raise ConfigError(f"{final}: no {weights[0]} beside {config.name}; was final/ written completely?")
 
 
 def read_run_config(run_dir: Path) -> FtdistConfig:
@@ -73,7 +100,10 @@ def read_run_config(run_dir: Path) -> FtdistConfig:
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"{path}: no config.yaml (the checkpoint's run directory holds the run's config)")
+        raise ConfigError(
+            f"{path}: no config.yaml (the run directory's config.yaml names the base model and peft settings; "
+            "export a checkpoint or final/ inside its run directory)"
+        )
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FtdistConfig), OmegaConf.load(path)))
     except OmegaConfBaseException as e:
@@ -154,6 +184,42 @@ def full_model_names(model: torch.nn.Module) -> set[str]:
 
 def adapter_names(peft_model: torch.nn.Module) -> set[str]:
     return {n for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def read_final_adapter(final: Path, skeleton: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of final/adapter_model.safetensors under the module FQNs of
+    `skeleton` (the run's peft model, on meta), checked name by name and shape by shape."""
+    from safetensors.torch import load_file
+
+    file = final / "adapter_model.safetensors"
+    saved = load_file(file)
+    wanted = {n: p for n, p in skeleton.named_parameters() if p.requires_grad}
+    # peft saves each adapter tensor under its FQN without the adapter's name (".default").
+    fqn = {n.replace(".default", ""): n for n in wanted}
+    missing, unexpected = sorted(fqn.keys() - saved.keys()), sorted(saved.keys() - fqn.keys())
+    config = final.parent / "config.yaml"
+    if missing or unexpected:
+        raise ConfigError(
+            f"{file}: does not fit the peft settings of {config}: missing {len(missing)} tensor(s) "
+            f"{missing[:2]}, unexpected {len(unexpected)} {unexpected[:2]}"
+        )
+    for key, name in fqn.items():
+        if saved[key].shape != wanted[name].shape:
+            raise ConfigError(
+                f"{file}: {key} has shape {tuple(saved[key].shape)} where the peft settings of {config} "
+                f"(r={skeleton.peft_config['default'].r}) give {tuple(wanted[name].shape)}"
+            )
+    return {fqn[key]: value for key, value in saved.items()}
+
+
+def read_final_model(final: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a final/ Hugging Face model (one safetensors file or several shards)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(final.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
 
 
 def attach_adapter(base: torch.nn.Module, cfg: FtdistConfig, adapter: dict[str, torch.Tensor]):
@@ -257,24 +323,23 @@ def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], 
 
 
 def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str | None = None) -> Path:
-    from ftdist.model.loading import load_tokenizer, resolve_model_path
-
-    checkpoint = resolve_checkpoint(source)
-    cfg = read_run_config(checkpoint.parent.parent)
+    source = resolve_source(source)
+    from_final = not (source / "model_optimizer").is_dir()
+    cfg = read_run_config(source.parent if from_final else source.parent.parent)
+    if from_final:
+        check_final(source, cfg)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty")
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, model_path)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    log.info("exporting %s (peft.method=%s) to %s", checkpoint, cfg.peft.method, out)
+    log.info("exporting %s (peft.method=%s) to %s", source, cfg.peft.method, out)
     try:
         if cfg.peft.method == "none":
             if merge_adapter:
                 log.info("--merge: a full fine-tune has no adapter; exporting the full model")
-            _export_full(cfg, checkpoint, model_path, staging, dtype_name, tokenizer)
+            _export_full(cfg, source, from_final, staging, dtype_name)
         else:
-            _export_peft(cfg, checkpoint, model_path, staging, merge_adapter, dtype_name, tokenizer)
+            _export_peft(cfg, source, from_final, staging, merge_adapter, dtype_name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -283,19 +348,40 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
     return out
 
 
-def _export_full(cfg, checkpoint, model_path, out, dtype_name, tokenizer) -> None:
-    names = full_model_names(meta_model(cfg, model_path, torch.float32))
-    state = read_model_state(checkpoint / "model_optimizer", names)
+def base_and_tokenizer(cfg: FtdistConfig) -> tuple[str, object]:
+    from ftdist.model.loading import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.model)
+    return model_path, load_tokenizer(cfg.model, model_path)
+
+
+def _export_full(cfg, source, from_final, out, dtype_name) -> None:
+    if from_final and dtype_name is None:
+        # final/ is already what this export would write (save_pretrained + tokenizer).
+        log.info("%s: a full fine-tune's final/ is already a Hugging Face model; copying it", source)
+        shutil.copytree(source, out)
+        return
+    if from_final:
+        model_path, state = str(source), read_final_model(source)
+        tokenizer = base_and_tokenizer(cfg)[1]
+    else:
+        model_path, tokenizer = base_and_tokenizer(cfg)
+        names = full_model_names(meta_model(cfg, model_path, torch.float32))
+        state = read_model_state(source / "model_optimizer", names)
     dtype = DTYPES[dtype_name] if dtype_name else next(iter(state.values())).dtype
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     write_full_model(meta_model(cfg, model_path, dtype), state, out, tokenizer)
 
 
-def _export_peft(cfg, checkpoint, model_path, out, merge_adapter, dtype_name, tokenizer) -> None:
+def _export_peft(cfg, source, from_final, out, merge_adapter, dtype_name) -> None:
     from ftdist.model.adapters import apply_adapters
 
+    model_path, tokenizer = base_and_tokenizer(cfg)
     skeleton = apply_adapters(meta_model(cfg, model_path, torch.float32), cfg.peft)
-    adapter = read_model_state(checkpoint / "model_optimizer", adapter_names(skeleton))
+    if from_final:
+        adapter = read_final_adapter(source, skeleton)
+    else:
+        adapter = read_model_state(source / "model_optimizer", adapter_names(skeleton))
     if not merge_adapter:
         write_adapter(skeleton, adapter, out, tokenizer)
         return
@@ -317,7 +403,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="a run directory (its newest checkpoint) or a checkpoint step_N")
+    parser.add_argument(
+        "source", type=Path,
+        help="a run directory (its newest checkpoint, else its final/), a checkpoint step_N, or a run's final/",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--merge", action="store_true", help="PEFT runs: merge the adapter into the base model")
     parser.add_argument(

@@ -7,6 +7,7 @@ live model) is the independent reference the export, read from the checkpoint al
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -192,6 +193,77 @@ def test_failed_merge_check_writes_nothing(lora_run, tmp_path, monkeypatch, caps
     assert not list(tmp_path.iterdir())  # neither merged/ nor merged.partial/
 
 
+# --- a run's final/ (checkpoints are off by default) --------------------------------------------
+
+
+def default_run(run_dir, where):
+    """What a run with checkpoints off leaves: config.yaml and final/, no checkpoints/."""
+    where.mkdir()
+    shutil.copy(run_dir / "config.yaml", where)
+    shutil.copytree(run_dir / "final", where / "final")
+    return where
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_merge_of_final_equals_base_plus_final_adapter(request, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = request.getfixturevalue(f"{name}_run")
+    source = default_run(run_dir, tmp_path / "run")
+    merged_dir = export_mod.export(source, tmp_path / "merged", merge_adapter=True, dtype_name="fp32")
+    batch = val_batch(run_dir)
+    merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), batch)
+    # Independently: peft's own loader on final/, over the base as the run trained on it.
+    reference = adapted_logits(run_dir, run_dir / "final", batch, quantized=name == "qlora")
+    assert (merged - reference).abs().max() < 1e-4  # measured ~1e-6 (fp32)
+    base = logits(load_base(run_dir, quantized=name == "qlora"), batch)
+    assert (reference - base).abs().max() > 1e-3  # the adapter moved the logits: the check has teeth
+
+
+def test_final_adapter_export_is_final_adapter(lora_run, tmp_path):
+    out = export_mod.export(lora_run / "final", tmp_path / "adapter")  # named directly, beside checkpoints/
+    exported = load_file(out / "adapter_model.safetensors")
+    final = load_file(lora_run / "final" / "adapter_model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], v) for k, v in final.items())
+
+
+def test_full_final_is_copied_or_converted(single_run, tmp_path):
+    source = default_run(single_run, tmp_path / "run")
+    assert_export_equals_final(export_mod.export(source, tmp_path / "copy", merge_adapter=True), single_run)
+    out = export_mod.export(source / "final", tmp_path / "bf16", dtype_name="bf16")
+    exported, final = load_file(out / "model.safetensors"), load_file(single_run / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in final.items())
+
+
+def one_line_error(argv, capsys) -> str:
+    assert export_mod.main(argv) == export_mod.EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_final_is_one_line_naming_path_and_what_is_missing(lora_run, tmp_path, capsys):
+    orphan = tmp_path / "orphan" / "final"  # final/ outside its run directory
+    shutil.copytree(lora_run / "final", orphan)
+    line = one_line_error([str(orphan), "--out", str(tmp_path / "a"), "--merge"], capsys)
+    assert f"{orphan.parent / 'config.yaml'}: no config.yaml" in line
+    run = default_run(lora_run, tmp_path / "run")
+    (run / "final" / "adapter_model.safetensors").unlink()  # a final/ cut short
+    line = one_line_error([str(run), "--out", str(tmp_path / "a"), "--merge"], capsys)
+    assert f"{run / 'final'}: no adapter_model.safetensors" in line
+    other_r = default_run(lora_run, tmp_path / "other_r")
+    config = other_r / "config.yaml"
+    config.write_text(config.read_text().replace("r: 16", "r: 8", 1))
+    line = one_line_error([str(other_r / "final"), "--out", str(tmp_path / "a"), "--merge"], capsys)
+    assert "adapter_model.safetensors: " in line and "r=8" in line and str(config) in line
+    full = default_run(lora_run, tmp_path / "full")
+    (full / "config.yaml").write_text((full / "config.yaml").read_text().replace("method: lora", "method: none", 1))
+    line = one_line_error([str(full), "--out", str(tmp_path / "a")], capsys)
+    assert f"{full / 'final'}: no config.json (peft.method=none" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -201,13 +273,11 @@ def test_missing_path_is_one_line_and_exit_2(tmp_path):
         cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2, proc.stderr
-    expected = f"ftdist.export: ConfigError: {tmp_path / 'nope'}: no such run directory or checkpoint"
+    expected = f"ftdist.export: ConfigError: {tmp_path / 'nope'}: no such run directory, checkpoint or final/"
     assert proc.stderr.strip().splitlines() == [expected]
 
 
 def test_partial_checkpoint_and_missing_config_exit_2(single_run, tmp_path, capsys):
-    import shutil
-
     partial = tmp_path / "run" / "checkpoints" / "step_00000002.partial"  # a save cut short
     shutil.copytree(single_run / "checkpoints" / "step_00000002", partial)
     shutil.copy(single_run / "config.yaml", tmp_path / "run")
