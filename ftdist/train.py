@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -40,6 +41,7 @@ from ftdist.resilience import (
 )
 
 EXIT_BAD_INPUT = 2
+LINGER_S = 3.0  # how long other ranks wait for rank 0's clean-up after bad input
 
 log = logging.getLogger("ftdist")
 register_schemas()
@@ -116,6 +118,10 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         return train_in(cfg, dcfg, strategy, run_dir, claim.resume_from, tracker)
     except (ConfigError, DataError, PreflightError):
         bad_input = True  # the run directory goes if this invocation found it empty
+        if not strategy.is_main:
+            # torchrun stops every rank within 0.1 s of the first one's exit: give rank 0, failing
+            # on the same input, time to remove the directory first.
+            time.sleep(LINGER_S)
         raise
     finally:
         if tracker is not None:

@@ -146,13 +146,15 @@ KEPT = ("checkpoints/", "metrics.jsonl", "summary.json", "final/")
 @pytest.fixture(scope="module")
 def refused(run_dir, tmp_path_factory):
     """A copy of the run, resumed with another global batch, then with other data of the same
-    size (loss on the prompt too: same examples, other labels). Both must exit 2."""
+    size (loss on the prompt too: same examples, other labels). Both must exit 2. The run is
+    finished, so resume=auto would leave it alone: each names its last checkpoint."""
     target = tmp_path_factory.mktemp("refused") / "run"
     shutil.copytree(run_dir, target)
     before = snapshot(target)
+    last = f"resume={target}/checkpoints/step_{STEPS:08d}"
     overrides = {
-        "batch": [*RUN, "train.micro_batch_size=19", f"output_dir={target}"],
-        "data": [*RUN, "data.train_on_prompt=true", f"output_dir={target}"],
+        "batch": [*RUN, "train.micro_batch_size=19", f"output_dir={target}", last],
+        "data": [*RUN, "data.train_on_prompt=true", f"output_dir={target}", last],
     }
     procs = {name: run_train(o, check=False) for name, o in overrides.items()}
     return target, before, procs
