@@ -1,9 +1,10 @@
 """The run directory's ownership and its state: one run at a time, and what a rerun may do.
 
-Ownership: rank 0 creates `output_dir/ftdist.lock` with O_CREAT|O_EXCL and writes its holder
-(host, pid, process identity, Slurm job id, start time) into it. O_EXCL rather than flock/fcntl:
-exclusive create is atomic on NFSv3+ and Lustre, while flock is local-only on Lustre without
-`-o flock` and depends on lockd on NFS, so two nodes could both "hold" it without knowing. The
+Ownership: rank 0 creates `output_dir/ftdist.lock` exclusively (a private file hard-linked into
+place, like O_CREAT|O_EXCL but never seen half-written), recording its holder: host, pid, process
+identity, Slurm job id, start time. Exclusive creation rather than flock/fcntl: it is atomic on
+NFS and Lustre, while flock is local-only on Lustre without `-o flock` and depends on lockd on
+NFS, so two nodes could both "hold" it without knowing; and a lock file can name its holder. The
 price is that a hard-killed run leaves the file behind; it is judged from its contents:
   - same host: the holder is alive when its pid exists with the same boot and start time (pid
     reuse after a restart is not the holder); a dead holder's lock is taken over with a warning;
@@ -111,10 +112,11 @@ def acquire_lock(run_dir: Path, me: Holder) -> str | None:
 
     Raises ConfigError naming the holder when another run holds it."""
     path = run_dir / LOCK_NAME
-    for _ in range(3):  # a stale lock removed (by us or a racing run): create again
+    note = None
+    for _ in range(3):  # after removing a stale lock, create again (a racing run may win)
         try:
-            write_exclusive(path, json.dumps(asdict(me)) + "\n")
-            return None
+            create_exclusive(path, json.dumps(asdict(me)) + "\n")
+            return note
         except FileExistsError:
             pass
         holder = Holder.read(path)
@@ -125,15 +127,14 @@ def acquire_lock(run_dir: Path, me: Holder) -> str | None:
                 f"use another output_dir, or delete {path} if that run is gone"
             )
         if take_over(path, holder):
-            write_exclusive(path, json.dumps(asdict(me)) + "\n")
-            return f"took over the lock {path} of {holder.describe() if holder else 'an unknown run'}: {why}"
+            note = f"took over the lock {path} of {holder.describe() if holder else 'an unknown run'}: {why}"
     raise ConfigError(f"output_dir {run_dir}: could not take {path} (other runs keep creating it)")
 
 
 def stale_reason(holder: Holder | None, me: Holder) -> str | None:
     """Why `holder`'s lock may be taken over by `me`; None when it must be respected."""
-    if holder is None:
-        return "its lock file is unreadable (a run killed while writing it)"
+    if holder is None:  # locks appear whole (create_exclusive): this one was damaged
+        return "its lock file is unreadable"
     if holder.host == me.host:  # the truth is known here: is that process still running?
         return None if holder.is_alive() else "that process is no longer running"
     if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
@@ -141,10 +142,18 @@ def stale_reason(holder: Holder | None, me: Holder) -> str | None:
     return None  # another host's pid cannot be checked from here
 
 
-def write_exclusive(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+def create_exclusive(path: Path, text: str) -> None:
+    """Create `path` holding `text`, or raise FileExistsError. Written to a private file first and
+    hard-linked into place: the lock appears whole (never empty to a reader) and link() is
+    atomic on NFS too."""
+    private = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}")
+    fd = os.open(private, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    try:
+        os.link(private, path)
+    finally:
+        private.unlink()
 
 
 def take_over(path: Path, stale: Holder | None) -> bool:
