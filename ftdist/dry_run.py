@@ -193,6 +193,17 @@ def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     return lines
 
 
+def describe_fit(cfg: FtdistConfig, mem: dict) -> tuple[bool, str]:
+    """Whether the per-rank estimate fits the GPU cluster.gpu_mem_gb says a rank has, in one line."""
+    total, budget = mem["total_gpu"], cfg.cluster.gpu_mem_gb
+    if total <= budget:
+        return True, f"fits: {total:.2f} GiB per rank of the {budget:g} GiB GPU assumed (cluster.gpu_mem_gb)"
+    return False, (
+        f"WARNING: does not fit: {total:.2f} GiB per rank exceeds the {budget:g} GiB GPU assumed "
+        f"(cluster.gpu_mem_gb) by {total - budget:.2f} GiB; python -m ftdist.plan names the cheapest change that fits"
+    )
+
+
 def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     """Print the report (rank 0 only, if launched under torchrun) and return its numbers."""
     built = build_meta_model(cfg)
@@ -208,6 +219,8 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     lines.append(describe_batch(cfg, world))
     lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(plan_lines))
     lines += describe_memory(cfg, mem, world)
+    fits_gpu, fit_line = describe_fit(cfg, mem)
+    lines.append(fit_line)
     lines.append(
         f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
         "train.mixed_precision=none; python -m ftdist.plan says whether a cluster fits and what to change"
@@ -225,5 +238,7 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
         "num_layers": census.num_layers,
         "fsdp_units": census.num_layers + 1 if cfg.strategy.name == "fsdp" else None,
         "memory_gib": mem,
+        "gpu_mem_gb": cfg.cluster.gpu_mem_gb,
+        "fits_gpu": fits_gpu,
         "report": report,
     }

@@ -210,3 +210,18 @@ def test_cli_dry_run_prints_report_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "70.6B" in proc.stdout and "81 units" in proc.stdout and "memory per rank" in proc.stdout
     assert not run_dir.exists()  # Hydra's run directory is removed: a dry run leaves nothing behind
+
+
+def test_estimate_over_the_assumed_gpu_warns_and_is_not_fits(capsys):
+    total = sized("llama8b_full_zero3")["memory_gib"]["total_gpu"]
+    small, large = round(total / 2, 1), round(total * 2, 1)
+    over = dry_run(compose_dry_run(["+experiment=llama8b_full_zero3", f"cluster.gpu_mem_gb={small}"]), world_size=WORLD)
+    assert over["fits_gpu"] is False and over["gpu_mem_gb"] == small
+    warning = (f"WARNING: does not fit: {total:.2f} GiB per rank exceeds the {small:g} GiB GPU assumed "
+               f"(cluster.gpu_mem_gb) by {total - small:.2f} GiB")
+    assert [line for line in over["report"].splitlines() if line.startswith("WARNING")] == [
+        warning + "; python -m ftdist.plan names the cheapest change that fits"]
+    assert warning in capsys.readouterr().out
+    under = dry_run(compose_dry_run(["+experiment=llama8b_full_zero3", f"cluster.gpu_mem_gb={large}"]), world_size=WORLD)
+    assert under["fits_gpu"] is True and "WARNING" not in under["report"]
+    assert f"fits: {total:.2f} GiB per rank of the {large:g} GiB GPU assumed (cluster.gpu_mem_gb)" in under["report"]
