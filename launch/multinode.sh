@@ -10,11 +10,23 @@
 #   GPUS_PER_NODE  processes per node (default: the visible GPU count, or 1 on CPU)
 #   PORT           rendezvous port on HEAD_ADDR (default 29400)
 #   RUN_ID         rendezvous id shared by the nodes of one job (default ftdist)
-#   PYTHON         interpreter with ftdist installed (default python3)
+#   PYTHON         interpreter with torch and ftdist installed (default: this checkout's
+#                  .venv/bin/python where it exists, as the README's install makes it, else python3)
 set -euo pipefail
 : "${HEAD_ADDR:?set HEAD_ADDR to an address of one node that every node can reach}"
 : "${NNODES:?set NNODES to the number of nodes}"
-PYTHON="${PYTHON:-python3}"
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  # A shell that never activated the venv has a python3 without torch: use the venv directly.
+  if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON="$REPO_DIR/.venv/bin/python"; else PYTHON=python3; fi
+fi
+# find_spec, not import: a one-line answer in well under a second, before torchrun starts.
+if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") and u.find_spec("ftdist")))' \
+    2>/dev/null; then
+  echo "launch/multinode.sh: PYTHON=$PYTHON cannot import torch and ftdist; run 'source .venv/bin/activate'" \
+    "or set PYTHON=/path/to/venv/bin/python" >&2
+  exit 2
+fi
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
   GPUS_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi

@@ -189,3 +189,41 @@ def test_without_nvidia_smi_one_line_says_the_gpu_tests_did_not_run():
     assert any(line.startswith(f"ftdist: the {n_tests} gpu tests did not run (nvidia-smi not found)")
                for line in lines), proc.stdout
     assert any(f"{n_tests} deselected" in line for line in lines), proc.stdout
+
+
+# --- "source .venv/bin/activate": launch/multinode.sh finds the venv without it ----------------
+
+
+def copy_launcher(root: Path) -> Path:
+    """launch/multinode.sh in a checkout of its own, so its .venv can be a stub."""
+    (root / "launch").mkdir(parents=True)
+    return Path(shutil.copy(REPO / "launch" / "multinode.sh", root / "launch" / "multinode.sh"))
+
+
+def test_multinode_uses_the_checkouts_venv_when_python_is_unset(tmp_path):
+    script = copy_launcher(tmp_path)
+    stub = tmp_path / ".venv" / "bin" / "python"  # answers the import check, then shows its argv
+    stub.parent.mkdir(parents=True)
+    stub.write_text('#!/bin/sh\necho "venv python: $*"\n')
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HEAD_ADDR": "127.0.0.1", "NNODES": "1", "GPUS_PER_NODE": "1"}
+    proc = subprocess.run(["bash", str(script), "+experiment=tiny_cpu"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("venv python: -m torch.distributed.run --nnodes 1"), proc.stdout
+    assert proc.stdout.rstrip().endswith("-m ftdist.train +experiment=tiny_cpu")
+
+
+def test_multinode_without_torch_is_one_line_exit_2(tmp_path):
+    script = copy_launcher(tmp_path)  # no .venv beside it
+    no_torch = tmp_path / "bin" / "python3"  # an interpreter whose imports all fail
+    no_torch.parent.mkdir()
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    env = {"PATH": f"{no_torch.parent}:/usr/bin:/bin", "HEAD_ADDR": "127.0.0.1", "NNODES": "1"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.splitlines() == [
+        "launch/multinode.sh: PYTHON=python3 cannot import torch and ftdist; run 'source .venv/bin/activate' "
+        "or set PYTHON=/path/to/venv/bin/python"
+    ]
