@@ -228,6 +228,14 @@ def _reset_optimizer_state(checkpoint):
     flat.unlink()
 
 
+def _rewrite_manifest(checkpoint):
+    """A checkpoint that was written without the removed state, rather than one damaged since:
+    its manifest lists what is there, so resume takes it (and does not set it aside)."""
+    from ftdist.integrity import hash_share, list_files, write_manifest
+
+    write_manifest(checkpoint, hash_share(checkpoint, list(list_files(checkpoint)), sync=False), step=4)
+
+
 CONTROLS = {"intact": lambda checkpoint: None, "no_rng": _drop_rng_state, "fresh_optimizer": _reset_optimizer_state}
 
 
@@ -241,6 +249,7 @@ def controls(tmp_path_factory):
     for name, damage in CONTROLS.items():
         _copy_first_half(straight, root / name)
         damage(root / name / "checkpoints" / "step_00000004")
+        _rewrite_manifest(root / name / "checkpoints" / "step_00000004")
         proc = run([*CONTROL, f"output_dir={root / name}"])
         assert "resumed from" in proc.stderr
         resumed[name] = (losses(root / name), proc.stderr)
