@@ -29,9 +29,10 @@ def test_missing_local_data_path_fails_before_a_hub_tokenizer_is_tried(tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"ftdist: DataError: data.path={missing}: data file not found"), lines
-    # Measured: 16 s with the check (under load: imports and the tiny model dominate); 57 s without
-    # it, where the unreachable tokenizer was retried first and its error reported instead.
-    assert elapsed < 30, f"took {elapsed:.0f} s: the tokenizer was tried first"
+    # The message alone tells the order apart (without the check the tokenizer's error came
+    # instead). Measured: 16-26 s under load with the check (imports and the tiny model), 57 s
+    # without it; the bound is loose on purpose.
+    assert elapsed < 40, f"took {elapsed:.0f} s: the tokenizer was tried first"
     assert not (tmp_path / "run").exists()
 
 
