@@ -162,7 +162,7 @@ def save_checkpoint(trainer) -> Path:
     try:
         _on_every_rank(strategy, lambda: strategy.is_main and _fresh_partial(partial))
         _on_every_rank(strategy, lambda: _write_state(trainer, partial))
-        sizes = strategy.broadcast_object(list_files(partial) if strategy.is_main else None)
+        sizes = _on_every_rank(strategy, lambda: list_files(partial) if strategy.is_main else None)[0]
         mine = shares(sizes, strategy.world_size)[strategy.rank]
         hashed = _on_every_rank(strategy, lambda: hash_share(partial, mine, sync=True))
         entries = {name: e for share in hashed for name, e in share.items()}
@@ -186,13 +186,20 @@ def _give_up(partial: Path, final: Path, failures: list[str]) -> str:
     last = previous[-1] if previous else None
     needed = max(written, sum(list_files(last).values()) if last else 0)
     basis = f"the size of {last.name}" if last and needed > written else "what was written before it failed"
-    free = shutil.disk_usage(final.parent).free
+    free = shutil.disk_usage(_existing(final.parent)).free
     more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
     resume = f"{last} (a rerun resumes from it)" if last else "none (a rerun starts over)"
     return (
         f"checkpoint {final.name} could not be written in {final.parent}: {failures[0]}{more}; it needs about "
         f"{_size(needed)} ({basis}), {_size(free)} is free there; the last complete checkpoint is {resume}"
     )
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (checkpoints/ itself may be what could not be made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _size(n: int) -> str:

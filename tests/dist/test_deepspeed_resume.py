@@ -142,6 +142,24 @@ def test_deepspeed_files_name_no_partial_path(runs):
     assert len(files) >= 4 and not [p for p in files if b".partial" in p.read_bytes()]
 
 
+def test_deepspeed_checkpoint_manifest_lists_every_file_and_verifies(runs):
+    """DeepSpeed writes its own files; the manifest covers them all (each rank's partitions,
+    `latest`, its recovery script) with the sizes and sha256 found on disk."""
+    import hashlib
+
+    from ftdist.checkpoint import checkpoint_problems
+    from ftdist.integrity import MANIFEST
+
+    checkpoint = runs["root"] / "full" / "checkpoints" / "step_00000008"
+    files = {p.relative_to(checkpoint).as_posix(): p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    del files[MANIFEST]
+    listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    assert listed == {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()}
+    ranks = {n for n in listed if "zero_pp_rank_" in n and n.endswith("optim_states.pt")}
+    assert len(ranks) == 2 and {"rng/rank0.pt", "rng/rank1.pt", "model_optimizer/latest", "trainer.pt"} <= set(listed)
+    assert checkpoint_problems(checkpoint) == []
+
+
 def test_resume_on_another_world_size_is_a_clear_config_error(runs):
     proc = runs["resharded"]
     assert proc.returncode == 2, proc.stderr[-3000:]
