@@ -88,7 +88,8 @@ def test_manifest_lists_every_file_with_its_size_and_sha256(written):
         on_disk = {}
         for folder, _, files in os.walk(path):
             for name in files:
-                data = open(os.path.join(folder, name), "rb").read()
+                with open(os.path.join(folder, name), "rb") as f:
+                    data = f.read()
                 relative = os.path.relpath(os.path.join(folder, name), path)
                 on_disk[relative] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         del on_disk[MANIFEST]
@@ -255,7 +256,8 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path, legacy):
 
 
 def can_mount_tmpfs() -> bool:
-    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    mount = ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
+    probe = subprocess.run(mount, check=False, capture_output=True)
     return probe.returncode == 0
 
 
@@ -270,8 +272,8 @@ def test_a_full_disk_stops_the_run_with_one_line_and_no_partial_checkpoint(tmp_p
     # The tmpfs lives as long as the namespace: copy what the run left before leaving it.
     script = f'mount -t tmpfs -o size=16m tmpfs "{small}" && "$@"; rc=$?; cp -a "{small}/run" "{kept}"; exit $rc'
     proc = subprocess.run(
-        ["unshare", "-Urm", "sh", "-c", script, "sh", *cmd], cwd=REPO, env=run_env(), capture_output=True, text=True,
-        timeout=600,
+        ["unshare", "-Urm", "sh", "-c", script, "sh", *cmd], check=False, cwd=REPO, env=run_env(),
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == EXIT_CHECKPOINT_WRITE, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
