@@ -2,9 +2,9 @@
 
     python -m ftdist.export RUN_DIR | CHECKPOINT | RUN_DIR/final --out DIR [--merge] [--dtype bf16|fp32]
 
-A run directory exports its newest complete checkpoint, or its final/ when it has none (the
-default: checkpoints are off unless checkpoint.every_steps is set); the run's config.yaml (next
-to checkpoints/ and final/) says what was trained. Checkpoint weights are read on CPU from either
+A run directory exports what the run finished with, its final/, or else (a run that has not
+finished) its newest complete checkpoint; the run's config.yaml (next to checkpoints/ and
+final/) says what was trained. Checkpoint weights are read on CPU from either
 format (torch.distributed.checkpoint, or DeepSpeed's ZeRO files) and written through
 save_pretrained from a model built on the meta device, so no device ever holds the whole model.
 A full fine-tune's final/ is already a Hugging Face model: it is copied (converted with --dtype).
@@ -55,7 +55,9 @@ class MergeMismatch(RuntimeError):
 
 def resolve_source(path: Path) -> Path:
     """`path` itself where it is a checkpoint or a run's final/; else, for run dir `path`, its
-    newest complete checkpoint, or its final/ when it has none."""
+    final/ (written once training ends, so newer than any checkpoint of that training: a
+    preempted run's checkpoint stays behind after the resumed run finishes), or else its newest
+    complete checkpoint."""
     if not path.exists():
         raise ConfigError(f"{path}: no such run directory, checkpoint or final/")
     if path.name.endswith(".partial"):
@@ -67,10 +69,12 @@ def resolve_source(path: Path) -> Path:
     if is_final(path):
         return path
     found = complete_checkpoints(path)
+    if (path / "final").is_dir():
+        if found:
+            log.info("%s: exporting final/, the finished model (export %s for that checkpoint)", path, found[-1])
+        return path / "final"
     if found:
         return found[-1]
-    if (path / "final").is_dir():
-        return path / "final"
     raise ConfigError(
         f"{path}: neither a checkpoint (no model_optimizer/), a run's final/ (no adapter_config.json or config.json) "
         "nor a run directory with checkpoints/step_N or final/"
@@ -405,7 +409,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "source", type=Path,
-        help="a run directory (its newest checkpoint, else its final/), a checkpoint step_N, or a run's final/",
+        help="a run directory (its final/ once finished, else its newest checkpoint), a checkpoint step_N, "
+        "or a run's final/",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--merge", action="store_true", help="PEFT runs: merge the adapter into the base model")

@@ -70,8 +70,13 @@ def assert_export_equals_final(out, run_dir):
 # --- full fine-tuning: one process, FSDP, ZeRO-3 ------------------------------------------------
 
 
+def last_checkpoint(run_dir):
+    # The run directory itself would export final/, the reference these tests compare with.
+    return run_dir / "checkpoints" / "step_00000002"
+
+
 def test_single_process_export_equals_final(single_run, tmp_path):
-    out = export_mod.export(single_run, tmp_path / "hf")  # the run dir: its newest checkpoint
+    out = export_mod.export(last_checkpoint(single_run), tmp_path / "hf")
     assert_export_equals_final(out, single_run)
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     assert not (tmp_path / "hf.partial").exists()
@@ -87,13 +92,13 @@ def test_dtype_bf16_casts_every_weight(single_run, tmp_path):
 
 def test_fsdp_checkpoint_export_equals_final(runs, tmp_path):
     run_dir = train(runs, "fsdp", ["strategy=fsdp"], nproc=2)
-    assert_export_equals_final(export_mod.export(run_dir, tmp_path / "hf"), run_dir)
+    assert_export_equals_final(export_mod.export(last_checkpoint(run_dir), tmp_path / "hf"), run_dir)
 
 
 def test_zero3_checkpoint_export_equals_final(runs, tmp_path):
     run_dir = train(runs, "zero3", ["strategy=zero3"], nproc=2)
-    assert (run_dir / "checkpoints" / "step_00000002" / "model_optimizer" / "latest").is_file()  # DeepSpeed's format
-    assert_export_equals_final(export_mod.export(run_dir, tmp_path / "hf"), run_dir)
+    assert (last_checkpoint(run_dir) / "model_optimizer" / "latest").is_file()  # DeepSpeed's format
+    assert_export_equals_final(export_mod.export(last_checkpoint(run_dir), tmp_path / "hf"), run_dir)
 
 
 # --- adapters ------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def adapted_logits(run_dir, adapter_dir, batch, quantized):
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 def test_adapter_export_equals_final_adapter(request, name, tmp_path):
     run_dir = request.getfixturevalue(f"{name}_run")
-    out = export_mod.export(run_dir, tmp_path / "adapter")
+    out = export_mod.export(last_checkpoint(run_dir), tmp_path / "adapter")
     exported = load_file(out / "adapter_model.safetensors")
     final = load_file(run_dir / "final" / "adapter_model.safetensors")
     assert exported.keys() == final.keys() and any("lora_B" in k for k in final)
@@ -142,7 +147,7 @@ def test_adapter_export_equals_final_adapter(request, name, tmp_path):
 
 
 def test_lora_adapter_export_reproduces_eval_loss(lora_run, tmp_path):
-    out = export_mod.export(lora_run, tmp_path / "adapter")
+    out = export_mod.export(last_checkpoint(lora_run), tmp_path / "adapter")
     batch = val_batch(lora_run)
     loss = sft_loss_sum(adapted_logits(lora_run, out, batch, quantized=False), batch.labels).item()
     _, evals = read_metrics(lora_run)
@@ -153,8 +158,9 @@ def merged_vs_adapted(run_dir, tmp_path, quantized, dtype_name):
     """max |logits(merged export) - logits(base + exported adapter)| on the validation set."""
     from transformers import AutoModelForCausalLM
 
-    adapter = export_mod.export(run_dir, tmp_path / "adapter")
-    merged_dir = export_mod.export(run_dir, tmp_path / "merged", merge_adapter=True, dtype_name=dtype_name)
+    adapter = export_mod.export(last_checkpoint(run_dir), tmp_path / "adapter")
+    merged_dir = export_mod.export(last_checkpoint(run_dir), tmp_path / "merged", merge_adapter=True,
+                                   dtype_name=dtype_name)
     assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     batch = val_batch(run_dir)
@@ -225,6 +231,18 @@ def test_final_adapter_export_is_final_adapter(lora_run, tmp_path):
     exported = load_file(out / "adapter_model.safetensors")
     final = load_file(lora_run / "final" / "adapter_model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], v) for k, v in final.items())
+
+
+def test_run_directory_with_final_exports_final_not_its_checkpoint(lora_run, tmp_path):
+    # As a preempted run leaves it once resumed and finished: a stale checkpoint beside final/.
+    run = default_run(lora_run, tmp_path / "run")
+    stale = last_checkpoint(run)
+    shutil.copytree(last_checkpoint(lora_run), stale)
+    (stale / "model_optimizer" / ".metadata").unlink()  # reading this checkpoint would fail
+    out = export_mod.export(run, tmp_path / "adapter")
+    exported = load_file(out / "adapter_model.safetensors")
+    final = load_file(lora_run / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in final.items())
 
 
 def test_full_final_is_copied_or_converted(single_run, tmp_path):
