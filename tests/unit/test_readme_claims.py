@@ -223,7 +223,6 @@ def test_multinode_without_torch_is_one_line_exit_2(tmp_path):
     env = {"PATH": f"{no_torch.parent}:/usr/bin:/bin", "HEAD_ADDR": "127.0.0.1", "NNODES": "1"}
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == EXIT_BAD_INPUT
-    assert proc.stderr.splitlines() == [
-        "launch/multinode.sh: PYTHON=python3 cannot import torch and ftdist; run 'source .venv/bin/activate' "
-        "or set PYTHON=/path/to/venv/bin/python"
-    ]
+    expected = ("launch/multinode.sh: PYTHON=python3 cannot import torch and ftdist; run 'source .venv/bin/activate' "
+                "or set PYTHON=/path/to/venv/bin/python")
+    assert proc.stderr.splitlines() == [expected]
