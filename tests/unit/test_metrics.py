@@ -181,7 +181,7 @@ def test_a_step_beating_a_peak_measured_under_load_raises_it_with_one_warning(
     """A CPU peak measured while other processes held the cores is too low; a step then seems to
     beat the hardware (mfu 1.54-1.72 was logged). The step proves the peak higher: it is raised
     to the step's rate, the step logs 1.0, and a warning says so, once."""
-    import ftdist.metrics as metrics
+    from ftdist import metrics
     from ftdist.parallel.base import Strategy
     from ftdist.trainer import Trainer
 
@@ -208,7 +208,7 @@ def test_a_step_beating_a_peak_measured_under_load_raises_it_with_one_warning(
 def test_a_step_beating_a_gpu_datasheet_peak_is_logged_as_computed_and_warned(caplog, monkeypatch):
     """A datasheet peak is not a measurement: beating it means the FLOP count is wrong, so the
     figure stays (evidence), announced once, and the peak is not changed."""
-    import ftdist.metrics as metrics
+    from ftdist import metrics
     from ftdist.metrics import checked_mfu
 
     monkeypatch.setattr(metrics, "_impossible_mfu_warned", set())
