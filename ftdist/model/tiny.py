@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,11 +103,7 @@ def ensure_tiny_model(spec: TinyModelSpec) -> str:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
-        tokenizer = build_tokenizer(spec.vocab_size)
-        model = build_model(spec, tokenizer)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "done").write_text("complete\n")
+        build_into(tmp, spec)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -114,3 +112,31 @@ def ensure_tiny_model(spec: TinyModelSpec) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
+
+
+# What save_pretrained writes for the model itself; the tokenizer's files come on top.
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def build_into(directory: Path, spec: TinyModelSpec) -> None:
+    """Write the tiny model and tokenizer into `directory`, then its `done` marker.
+
+    Under an initialized process group, transformers' save_pretrained writes on global rank 0
+    only: a rank-1 builder left a directory of tokenizer files alone, which could win the rename
+    and be cached for good (every later run: "no config.json there"). There the build runs in a
+    child process, which has no process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        code = "import sys, json; from pathlib import Path; from ftdist.config import TinyModelSpec; "
+        code += "from ftdist.model.tiny import build_into; build_into(Path(sys.argv[1]), TinyModelSpec(**json.loads(sys.argv[2])))"
+        subprocess.run([sys.executable, "-c", code, str(directory), json.dumps(dataclasses.asdict(spec))], check=True)
+        return
+    tokenizer = build_tokenizer(spec.vocab_size)
+    model = build_model(spec, tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
+    if missing:
+        raise RuntimeError(f"tiny model build in {directory}: save_pretrained wrote no {', '.join(missing)}")
+    (directory / "done").write_text("complete\n")
