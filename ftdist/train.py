@@ -216,23 +216,30 @@ def main(dcfg: DictConfig) -> None:
         run(dcfg)
         leave(0)
     except Preempted as e:
-        print(f"ftdist: {e}", file=sys.stderr)
+        say(f"ftdist: {e}")
         leave(EXIT_PREEMPTED)
     except PreflightError as e:
-        print(f"ftdist: PreflightError: {e}", file=sys.stderr)
+        say(f"ftdist: PreflightError: {e}")
         remove_if_empty(run_dir, fresh)
         leave(EXIT_PREFLIGHT)
     except NonFiniteError as e:
-        print(f"ftdist: NonFiniteError: {e}", file=sys.stderr)
+        say(f"ftdist: NonFiniteError: {e}")
         leave(EXIT_NONFINITE)
     except CheckpointWriteError as e:  # disk full or quota: names the space needed and free
-        print(f"ftdist: CheckpointWriteError: {e}", file=sys.stderr)
+        say(f"ftdist: CheckpointWriteError: {e}")
         leave(EXIT_CHECKPOINT_WRITE)
     except (ConfigError, DataError) as e:
         # Bad input is the user's to fix: a one-line message, not a library traceback.
-        print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
+        say(f"ftdist: {type(e).__name__}: {e}")
         remove_if_empty(run_dir, fresh)
         leave(EXIT_BAD_INPUT)
+
+
+def say(line: str) -> None:
+    """One line to stderr in one write: ranks share torchrun's stderr, and print's separate
+    writes of text and newline let two ranks' lines run into one."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
 
 
 def leave(code: int) -> None:
@@ -292,7 +299,7 @@ def cli() -> None:
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as e:
-        print(f"ftdist: ConfigError: {e}", file=sys.stderr)
+        say(f"ftdist: ConfigError: {e}")
         sys.exit(EXIT_BAD_INPUT)
     main()
 
