@@ -148,6 +148,13 @@ def worker_main(main) -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     main(out, sys.argv[2:])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Skip interpreter teardown, as ftdist.train does: torch's C++ objects destroyed in
+        # arbitrary order at exit sometimes aborted a finished rank ("terminate called without an
+        # active exception", SIGABRT; seen in CI for plan_model_state_worker.py).
+        from ftdist.train import exit_now
+
+        exit_now(0)
 
 
 def in_process_trainer(tmp_path, model, tokenizer, examples, packing: bool, micro: int, attn: str = "sdpa"):
