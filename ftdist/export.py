@@ -421,8 +421,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftdist.console import pin_deepspeed_accelerator, quiet_library_hints
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # As in a run: no "Setting accelerator to CPU" from DeepSpeed (transformers imports it when
+    # saving) and no bitsandbytes inference-kernel hint (peft imports it).
+    pin_deepspeed_accelerator()
+    quiet_library_hints()
     try:
         out = export(args.source, args.out, args.merge, args.dtype)
     except ConfigError as e:
