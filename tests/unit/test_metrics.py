@@ -40,6 +40,21 @@ def tiny_model(peft: PeftConfig | None = None):
     return model
 
 
+def one_process_trainer(tokenizer, tmp_path, steps: int):
+    """A single-process Trainer on the tiny model, batches of 4 random examples, `steps` steps."""
+    from ftdist.parallel.base import Strategy
+    from ftdist.trainer import Trainer
+
+    cfg = FtdistConfig(
+        model=ModelConfig(tiny=TinyModelSpec()),
+        data=DataConfig(path="unused", max_seq_len=128),
+        train=TrainConfig(micro_batch_size=4, grad_accum_steps=1, max_steps=steps),
+        output_dir=str(tmp_path),
+    )
+    examples = random_examples(4 * steps + 4, seed=3)
+    return Trainer(cfg, Strategy(cfg.strategy), tiny_model(), tokenizer, examples, examples[:2], tmp_path)
+
+
 def hand_matmul_params(vocab: int) -> int:
     # The embedding lookup does no matmul; the tied head (vocab x hidden) does, once.
     return LAYERS * sum(i * o for i, o in LAYER_LINEARS) + vocab * HIDDEN
@@ -152,17 +167,7 @@ def test_unknown_gpu_has_no_peak_and_is_warned_about_once(caplog):
 
 
 def test_train_line_of_an_unknown_gpu_logs_mfu_null(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
-    from ftdist.parallel.base import Strategy
-    from ftdist.trainer import Trainer
-
-    cfg = FtdistConfig(
-        model=ModelConfig(tiny=TinyModelSpec()),
-        data=DataConfig(path="unused", max_seq_len=128),
-        train=TrainConfig(micro_batch_size=4, grad_accum_steps=1, max_steps=1),
-        output_dir=str(tmp_path),
-    )
-    examples = random_examples(8, seed=3)
-    trainer = Trainer(cfg, Strategy(cfg.strategy), tiny_model(), tiny_tokenizer, examples, examples[:2], tmp_path)
+    trainer = one_process_trainer(tiny_tokenizer, tmp_path, steps=1)
     name = "NVIDIA Imaginary Accelerator Z10"
     with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
         trainer.peak_flops = gpu_peak_flops(name)  # what device_peak_flops gives on such a GPU
@@ -182,19 +187,10 @@ def test_a_step_beating_a_peak_measured_under_load_raises_it_with_one_warning(
     beat the hardware (mfu 1.54-1.72 was logged). The step proves the peak higher: it is raised
     to the step's rate, the step logs 1.0, and a warning says so, once."""
     from ftdist import metrics
-    from ftdist.parallel.base import Strategy
-    from ftdist.trainer import Trainer
 
     monkeypatch.setattr(metrics, "_impossible_mfu_warned", set())
     monkeypatch.setattr(metrics, "_cpu_peak_cache", dict(metrics._cpu_peak_cache))
-    cfg = FtdistConfig(
-        model=ModelConfig(tiny=TinyModelSpec()),
-        data=DataConfig(path="unused", max_seq_len=128),
-        train=TrainConfig(micro_batch_size=4, grad_accum_steps=1, max_steps=3),
-        output_dir=str(tmp_path),
-    )
-    examples = random_examples(12, seed=3)
-    trainer = Trainer(cfg, Strategy(cfg.strategy), tiny_model(), tiny_tokenizer, examples, examples[:2], tmp_path)
+    trainer = one_process_trainer(tiny_tokenizer, tmp_path, steps=3)
     trainer.peak_flops = 1.0  # a start-up measure under load, at its extreme: any step beats it
     with caplog.at_level(logging.WARNING, logger="ftdist.metrics"):
         records = [trainer.train_step() for _ in range(3)]
