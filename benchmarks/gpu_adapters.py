@@ -92,9 +92,10 @@ def build_model(cfg, device: torch.device, tiny: bool):
     """The random-init model on `device`, quantized for qlora, finished by ftdist (adapters...)."""
     from transformers import AutoModelForCausalLM
 
+    from ftdist.constants import DTYPES
     from ftdist.model.adapters import quantization_config
     from ftdist.model.attention import resolve_attn_implementation
-    from ftdist.model.loading import DTYPES, finish_model
+    from ftdist.model.loading import finish_model
 
     dtype = DTYPES[cfg.model.dtype]
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device)

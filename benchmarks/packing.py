@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
-from ftdist.data.loader import IGNORE_INDEX, Batch
+from ftdist.constants import IGNORE_INDEX
+from ftdist.data.loader import Batch
 from ftdist.data.packing import PAD_DOCUMENT, pack_documents
 from ftdist.data.prepare import prepare_data
 from ftdist.model.loading import load_model

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ftdist.config import FtdistConfig
+from ftdist.constants import DTYPES, GIB
 
-GIB = 2**30
 DEFAULT_WORLD_SIZE = 8  # one 8-GPU node: the usual unit of a cluster allocation
 # bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64
 # weights, and an fp32 scale per 256 of those absmaxes.
@@ -52,7 +52,6 @@ def build_meta_model(cfg: FtdistConfig):
 
     quiet_library_hints()  # before apply_adapters imports peft, and peft bitsandbytes
     from ftdist.model.architectures import model_config
-    from ftdist.model.loading import DTYPES
 
     config = model_config(cfg.model)
     with torch.device("meta"):

@@ -31,12 +31,10 @@ import torch
 from ftdist.checkpoint import complete_checkpoints
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
+from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
 
 log = logging.getLogger("ftdist")
 
-EXIT_BAD_INPUT = 2
-EXIT_MERGE_MISMATCH = 1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # as model.dtype and --dtype name them
 # Max |logits(merged) - logits(base + adapter)|, relative to the largest logit (at least 1),
 # by the coarser of the run's compute dtype and the saved dtype. Measured on the tiny model
 # (logits up to 1.6): fp32 7e-7 (merge reassociation only); bf16 5e-3 (every weight rounded to

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ftdist.config import ConfigError, FtdistConfig
+from ftdist.constants import EXIT_BAD_INPUT, GIB
 from ftdist.dry_run import Census, activation_bytes, build_meta_model, compute_bytes, take_census
 
-GIB = 2**30
 NF4_BLOCK = 64  # weights per absmax
 NF4_NESTED_BLOCK = 256  # absmaxes per fp32 scale (double quantization)
 NF4_CODE_BYTES = 16 * 4  # the NF4 code table, fp32
@@ -586,7 +586,7 @@ def cli() -> None:
         main()
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         print(f"ftdist: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

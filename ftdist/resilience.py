@@ -14,12 +14,6 @@ import signal
 
 log = logging.getLogger("ftdist")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; distinct from errors (1) and bad input (2)
-EXIT_NONFINITE = 3
-EXIT_PREFLIGHT = 4
-# A checkpoint could not be written (disk full, quota, I/O error): not requeued as 75 would be,
-# since the next attempt would fail the same way until someone frees space.
-EXIT_CHECKPOINT_WRITE = 5
 PREEMPTED_MARKER = "preempted.json"  # in output_dir while a preempted run awaits its resume
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

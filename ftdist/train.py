@@ -30,17 +30,10 @@ from ftdist.config import (
     load_config,
     register_schemas,
 )
+from ftdist.constants import EXIT_BAD_INPUT, EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
 from ftdist.parallel.base import PreflightError
-from ftdist.resilience import (
-    EXIT_CHECKPOINT_WRITE,
-    EXIT_NONFINITE,
-    EXIT_PREEMPTED,
-    EXIT_PREFLIGHT,
-    NonFiniteError,
-    Preempted,
-)
+from ftdist.resilience import NonFiniteError, Preempted
 
-EXIT_BAD_INPUT = 2
 LINGER_S = 3.0  # how long other ranks wait for rank 0's clean-up after bad input
 
 log = logging.getLogger("ftdist")

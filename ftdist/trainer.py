@@ -172,7 +172,7 @@ class Trainer:
             batch = batch.to(self.device)
             last = i == len(batches) - 1
             # Gradients are reduced across ranks once, on the last micro-batch.
-            with contextlib.nullcontext() if last else strategy.no_sync(self.model):
+            with contextlib.nullcontext() if last else strategy.accumulating(self.model):
                 micro_loss = sft_loss_sum(self.logits(self.model, batch), batch.labels)
                 if injected_fault(self.step + 1, strategy.rank) == "nan":
                     micro_loss = micro_loss * float("nan")

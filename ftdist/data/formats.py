@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftdist.config import DataConfig
+from ftdist.constants import IGNORE_INDEX
 from ftdist.data.sources import BadRow, DataError
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -28,7 +28,7 @@ PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 @dataclass
 class Example:
     input_ids: list[int]
-    labels: list[int]  # same length as input_ids; IGNORE where no loss; not shifted
+    labels: list[int]  # same length as input_ids; IGNORE_INDEX where no loss; not shifted
     # The ids the model is given to generate the (last) response, generation prompt included;
     # None for text. Not truncated: it is what generation starts from.
     prompt_ids: list[int] | None = None
@@ -103,7 +103,7 @@ class RowEncoder:
         # label mask falls exactly on the response.
         prompt_ids = self.bos + self.ids(PLAIN_PROMPT.format(prompt=prompt))
         response_ids = self.ids(response) + [self.eos]
-        prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE] * len(prompt_ids)
+        prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
         return Example(prompt_ids + response_ids, prompt_labels + response_ids, prompt_ids, response)
 
     def chat_row(self, row: dict) -> Example:
@@ -142,7 +142,7 @@ class RowEncoder:
         prompt_ids = self.render(messages[:last], add_generation_prompt=True)
         if self.cfg.train_on_prompt:
             return Example(input_ids, list(input_ids), prompt_ids, messages[last]["content"])
-        labels = [IGNORE] * len(input_ids)
+        labels = [IGNORE_INDEX] * len(input_ids)
         for i in turns:
             before = prompt_ids if i == last else self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])

@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ftdist.constants import IGNORE_INDEX
 from ftdist.data.prepare import Example
-
-IGNORE_INDEX = -100
 
 
 class GlobalBatchSampler:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ftdist.data.loader import IGNORE_INDEX, Batch
+from ftdist.constants import IGNORE_INDEX
+from ftdist.data.loader import Batch
 from ftdist.data.prepare import Example
 
 PAD_DOCUMENT = -1  # document id of padding positions

@@ -16,7 +16,8 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from ftdist.config import DataConfig
-from ftdist.data.formats import IGNORE, Example, RowEncoder
+from ftdist.constants import IGNORE_INDEX
+from ftdist.data.formats import Example, RowEncoder
 from ftdist.data.sources import BadRow, DataError, Row, check_data_source, read_rows
 
 __all__ = ["DataError", "DataReport", "Example", "check_data_source", "prepare_data"]
@@ -120,7 +121,7 @@ def _truncate(example: Example, max_len: int) -> _Outcome:
     if truncated:
         example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)
     # labels[0] is never a target (the trainer predicts position t+1 from t), so it does not count.
-    if all(label == IGNORE for label in example.labels[1:]):
+    if all(label == IGNORE_INDEX for label in example.labels[1:]):
         return _Dropped
     return (example, truncated)
 
@@ -139,7 +140,7 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
             examples.append(example)
             counts["truncated"] += truncated
             counts["tokens"] += len(example.input_ids)
-            counts["label_tokens"] += sum(label != IGNORE for label in example.labels[1:])
+            counts["label_tokens"] += sum(label != IGNORE_INDEX for label in example.labels[1:])
     split = "val" if prefix else "train"
     setattr(report, f"{split}_rows", len(outcomes))
     setattr(report, f"{split}_examples", len(examples))

@@ -11,8 +11,9 @@ import torch
 
 from ftdist.compat import library_error, library_version, require_attr
 from ftdist.config import ConfigError, PeftConfig
+from ftdist.constants import DTYPES
 
-STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "uint8": torch.uint8}
+STORAGE_DTYPES = {**DTYPES, "uint8": torch.uint8}  # bnb_4bit_quant_storage may also be uint8
 
 
 def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype):

@@ -15,6 +15,7 @@ import torch
 
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, ModelConfig, PeftConfig
+from ftdist.constants import DTYPES
 from ftdist.model.adapters import (
     apply_adapters,
     keep_4bit_weights_trainable,
@@ -26,7 +27,6 @@ from ftdist.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Model code knows nothing of parallelism: a strategy takes a built model and wraps it. The
 trainer sees only this interface: prepare (wrap the model, build optimizer and schedule),
-no_sync and backward (gradient accumulation), optimizer_step (clip, step, schedule),
+accumulating and backward (gradient accumulation), optimizer_step (clip, step, schedule),
 all-reduce of a few scalars, unwrap for evaluation, and full_state_dict for saving.
 """
 
@@ -235,7 +235,11 @@ class Strategy:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def no_sync(self, model: torch.nn.Module):
+    def accumulating(self, model: torch.nn.Module):
+        """The context of every micro-batch of a global batch but the last: the backend keeps
+        accumulating their gradients. What that takes differs: DDP skips the all-reduce, FSDP
+        reduce-scatters as usual (or holds whole gradients under accumulate_unsharded), DeepSpeed
+        marks a non-boundary micro-step. One process: nothing."""
         return contextlib.nullcontext()
 
     @property

@@ -16,7 +16,7 @@ class DDPStrategy(DistributedStrategy):
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
-    def no_sync(self, model: torch.nn.Module):
+    def accumulating(self, model: torch.nn.Module):
         return model.no_sync()
 
     @property

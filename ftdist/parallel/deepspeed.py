@@ -6,7 +6,7 @@ normalisation: each micro-batch loss is already divided by the global label-toke
 DeepSpeed must not divide by gradient_accumulation_steps again (`scale_wrt_gas=False`).
 
 Accumulation boundaries come from the trainer's contract, not DeepSpeed's micro-step counter:
-every micro-batch but the last runs inside `no_sync`, which marks it as not a boundary. The
+every micro-batch but the last runs inside `accumulating`, which marks it as not a boundary. The
 boundary `engine.step()` (reduction where pending, clipping, optimizer, schedule) runs in
 `optimizer_step`, once per global step.
 
@@ -227,7 +227,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         return engine, optimizer, scheduler
 
     @contextlib.contextmanager
-    def no_sync(self, model):
+    def accumulating(self, model):
         # Not engine.no_sync (ZeRO 2/3 forbid it): only marks these micro-batches as not a
         # boundary, so DeepSpeed accumulates (and, in stages 2/3, reduces as it goes).
         self._accumulating = True

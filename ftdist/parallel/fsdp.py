@@ -117,7 +117,7 @@ class FSDPStrategy(DistributedStrategy):
         return any(type(p).__name__ == "Params4bit" for p in model.parameters())
 
     @contextlib.contextmanager
-    def no_sync(self, model: FSDPModule):
+    def accumulating(self, model: FSDPModule):
         if not self.cfg.accumulate_unsharded:
             # Reduce-scatter every micro-batch: the sharded gradients accumulate, and no rank ever
             # holds a whole model's gradients (FSDP2 would keep them unsharded, in fp32, until sync).

@@ -39,7 +39,7 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         batches = trainer.step_batches(trainer.step)
         assert len(batches) > 1, "measure mid-accumulation: set train.grad_accum_steps > 1"
         first = batches[0].to(trainer.device)
-        with strategy.no_sync(trainer.model):
+        with strategy.accumulating(trainer.model):
             strategy.backward(trainer.model, sft_loss_sum(trainer.logits(trainer.model, first), first.labels))
         accumulating = measure_model_state(trainer.model, trainer.optimizer, strategy)
         # The rest of the step (its micro-batches once more; accumulating onto the first is harmless

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, REPO, read_metrics, run_env, train_cmd
 
-from ftdist.resilience import EXIT_CHECKPOINT_WRITE
+from ftdist.constants import EXIT_CHECKPOINT_WRITE
 
 FSDP = [*FAST, "train.max_steps=8", "train.micro_batch_size=1", "checkpoint.every_steps=4", "strategy=fsdp"]
 SHARD = "model_optimizer/__1_0.distcp"  # rank 1's shard

@@ -16,7 +16,8 @@ import pytest
 import torch
 from helpers import FAST, REPO, assert_same_final_weights, read_metrics, run_env, train_cmd
 
-from ftdist.resilience import EXIT_PREEMPTED, PREEMPTED_MARKER
+from ftdist.constants import EXIT_PREEMPTED
+from ftdist.resilience import PREEMPTED_MARKER
 
 BASE = [*FAST, "train.max_steps=8", "train.micro_batch_size=2", "checkpoint.every_steps=4", "train.eval_every_steps=null"]
 

@@ -11,9 +11,8 @@ import pytest
 from helpers import FAST, REPO, run_env, train_cmd
 
 from ftdist.config import DataConfig
+from ftdist.constants import EXIT_BAD_INPUT
 from ftdist.data.sources import DataError, check_data_source
-
-EXIT_BAD_INPUT = 2
 
 
 def test_missing_local_data_path_fails_before_a_hub_tokenizer_is_tried(tmp_path):

@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, REPO, free_port, read_metrics, run_env, run_train
 
-from ftdist.resilience import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
-
-EXIT_BAD_INPUT = 2
+from ftdist.constants import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
 
 
 def run_module(module: str, args: list[str], env: dict | None = None, timeout: int = 300):

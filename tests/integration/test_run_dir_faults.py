@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import FAST, REPO, read_metrics, run_env, run_train, train_cmd
 
-from ftdist.resilience import EXIT_PREEMPTED
+from ftdist.constants import EXIT_PREEMPTED
 from ftdist.run_dir import LOCK_NAME, Holder, acquire_lock, release_lock
 
 SHORT = [*FAST, "train.max_steps=3"]

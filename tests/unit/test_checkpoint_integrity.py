@@ -39,9 +39,9 @@ from ftdist.checkpoint import (
     set_rng_state,
 )
 from ftdist.config import ConfigError, DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
+from ftdist.constants import EXIT_CHECKPOINT_WRITE
 from ftdist.integrity import MANIFEST, shares
 from ftdist.parallel.base import Strategy
-from ftdist.resilience import EXIT_CHECKPOINT_WRITE
 from ftdist.trainer import Trainer
 
 SHARD = "model_optimizer/__0_0.distcp"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from ftdist.config import DataConfig, DataFields
-from ftdist.data.formats import IGNORE, PLAIN_PROMPT, RowEncoder
+from ftdist.constants import IGNORE_INDEX as IGNORE
+from ftdist.data.formats import PLAIN_PROMPT, RowEncoder
 from ftdist.data.sources import BadRow, DataError
 
 PROMPT = "Extract the city: Ana lives in Lisbon."

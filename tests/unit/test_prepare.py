@@ -10,7 +10,8 @@ import pytest
 from conftest import shared_dataset
 
 from ftdist.config import DataConfig, DataFields
-from ftdist.data.formats import IGNORE, RowEncoder
+from ftdist.constants import IGNORE_INDEX as IGNORE
+from ftdist.data.formats import RowEncoder
 from ftdist.data.prepare import DataError, prepare_data
 
 

@@ -19,11 +19,10 @@ import pytest
 from helpers import FAST, REPO, random_examples, run_env, train_cmd
 
 from ftdist.config import DataConfig, DataFields, TinyModelSpec, compose, load_config
-from ftdist.data.formats import IGNORE
+from ftdist.constants import EXIT_BAD_INPUT
+from ftdist.constants import IGNORE_INDEX as IGNORE
 from ftdist.data.packing import pack_documents
 from ftdist.data.prepare import DataError, prepare_data
-
-EXIT_BAD_INPUT = 2
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
