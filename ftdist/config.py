@@ -226,6 +226,14 @@ class ClusterConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the model is trained to do (ftdist/objectives/): sft (supervised fine-tuning: loss
+    on the responses). The objectives of later issues add their options here."""
+
+    name: str = "sft"
+
+
+@dataclass
 class PlanConfig:
     """Options of `python -m ftdist.plan` (see ftdist/plan.py)."""
 
@@ -241,6 +249,7 @@ class FtdistConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -268,6 +277,7 @@ GROUP_SCHEMAS = {
     "strategy": StrategyConfig,
     "peft": PeftConfig,
     "train": TrainConfig,
+    "objective": ObjectiveConfig,
     "tracking": TrackingConfig,
     "slurm": SlurmConfig,
 }

@@ -78,11 +78,13 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
     from ftdist.data.prepare import DataError, check_data_source
     from ftdist.model.loading import check_model
+    from ftdist.objectives import check_objective
     from ftdist.parallel import build_strategy
     from ftdist.run_dir import claim_run_dir
     from ftdist.tracking import start_wandb
 
     cfg = load_config(dcfg)
+    check_objective(cfg)
     if cfg.dry_run:  # sizing only: no process group, no weights, no data, nothing written
         from ftdist.dry_run import dry_run
 
@@ -126,8 +128,8 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
 
 def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path | None, tracker):
     """Data, model, Trainer.fit() and the run's files, in a run directory this invocation holds."""
-    from ftdist.data.prepare import prepare_data
     from ftdist.model.loading import load_model, load_tokenizer
+    from ftdist.objectives import build_objective
     from ftdist.trainer import Trainer, use_bf16
 
     run_files = {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True)}
@@ -148,7 +150,8 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
         write_run_files()  # now, so a run that fails later still says what it was
 
     tokenizer = load_tokenizer(cfg.model)
-    train_examples, val_examples, report = prepare_data(cfg.data, tokenizer, cfg.seed)
+    objective = build_objective(cfg, tokenizer)
+    train_examples, val_examples, report = objective.prepare_data(cfg.data, tokenizer, cfg.seed)
     run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
     if resume_from is None:
         write_run_files()
@@ -157,7 +160,7 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
     with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
         loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
     trainer = Trainer(
-        cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker=tracker
+        cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker, objective
     )
     # A resumed run's files replace the old ones only once its checkpoint is accepted.
     summary = trainer.fit(resume_from, on_resumed=write_run_files)
@@ -284,8 +287,10 @@ def check_command_line(argv: list[str]) -> None:
         runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     except HydraException as e:  # a sweep value Hydra cannot parse
         raise ConfigError(hydra_error_message(e)) from None
+    from ftdist.objectives import check_objective
+
     for overrides in runs:
-        load_config(compose(overrides))
+        check_objective(load_config(compose(overrides)))
 
 
 def cli() -> None:

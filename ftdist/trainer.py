@@ -1,10 +1,13 @@
 """The training loop: accumulate, clip, step, evaluate, log, save.
 
+What is trained for is the objective's (ftdist/objectives/): examples, micro-batches, the loss,
+its metrics and the evaluation pass. This loop holds no objective-specific branch.
+
 Loss normalisation is the invariant everything here protects: the loss of an optimizer step is
-the sum of token losses over the whole global batch (every micro-batch on every rank) divided
-by that batch's label-token count, which is all-reduced before the first forward. Each
-micro-batch contributes `loss_sum / global_label_tokens` to the gradient, so unequal lengths,
-accumulation splits and world sizes all give the same gradient.
+the sum of the objective's unit losses (label tokens for SFT) over the whole global batch (every
+micro-batch on every rank) divided by that batch's unit count, which is all-reduced before the
+first forward. Each micro-batch contributes `loss_sum / global_count` to the gradient, so
+unequal lengths, accumulation splits and world sizes all give the same gradient.
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ import torch
 from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
-from ftdist.data.loader import Batch, GlobalBatchSampler, collate, eval_batches
-from ftdist.data.packing import collate_packed, pack_documents
-from ftdist.data.prepare import Example
-from ftdist.evaluation import exact_match
+from ftdist.data.loader import GlobalBatchSampler
 from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, logical_ndim, peak_memory_gb
 from ftdist.model.attention import model_inputs, sliding_window_of
-from ftdist.objectives import sft_loss_sum
+from ftdist.objectives import build_objective
+from ftdist.objectives.base import EvalContext, MicroBatch, Objective
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
 from ftdist.tracking import MetricsWriter, WandbTracker
@@ -71,12 +72,6 @@ def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:
     return mode == "bf16"
 
 
-def dummy_batch(pad_token_id: int) -> Batch:
-    """A one-token batch with no label: a forward that keeps sharded ranks in step."""
-    ids = torch.full((1, 1), pad_token_id, dtype=torch.long)
-    return Batch.from_tensors(ids, torch.ones_like(ids), torch.full_like(ids, -100))
-
-
 class Trainer:
     def __init__(
         self,
@@ -84,10 +79,11 @@ class Trainer:
         strategy: Strategy,
         model: torch.nn.Module,
         tokenizer,
-        train_examples: list[Example],
-        val_examples: list[Example],
+        train_examples: list,
+        val_examples: list,
         run_dir: Path,
         tracker: WandbTracker | None = None,  # W&B on rank 0: tracking.start_wandb, before the model loads
+        objective: Objective | None = None,  # default: the one cfg.objective names
     ):
         self.cfg = cfg
         self.strategy = strategy
@@ -96,6 +92,7 @@ class Trainer:
         self.val_examples = val_examples
         self.run_dir = run_dir
         self.device = strategy.device
+        self.objective = objective if objective is not None else build_objective(cfg, tokenizer)
         t = cfg.train
         # Items are what the sampler orders and a micro-batch holds: single examples, or packed
         # rows of several. Each item is a list of example indices.
@@ -136,59 +133,59 @@ class Trainer:
 
     # --- training ---------------------------------------------------------------------------
 
-    def make_items(self, examples: list[Example]) -> list[list[int]]:
-        if not self.cfg.data.packing:
-            return [[i] for i in range(len(examples))]
-        lengths = [len(e.input_ids) for e in examples]
-        return pack_documents(lengths, self.cfg.data.max_seq_len, self.cfg.seed, self.cfg.data.packing_window)
+    def make_items(self, examples: list) -> list[list[int]]:
+        return self.objective.make_items(examples)
 
-    def collate_items(self, examples: list[Example], items: list[list[int]]) -> Batch:
-        pad = self.tokenizer.pad_token_id
-        if self.cfg.data.packing:
-            return collate_packed([[examples[i] for i in item] for item in items], pad)
-        return collate([examples[item[0]] for item in items], pad)
+    def collate_items(self, examples: list, items: list[list[int]]) -> MicroBatch:
+        return self.objective.collate(examples, items)
 
-    def logits(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch) -> torch.Tensor:
         autocast = self.bf16 and not self.strategy.handles_mixed_precision
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
-    def forward_backward(self, batches: list[Batch]) -> dict:
-        """Accumulate this rank's gradients for one global batch; returns global totals."""
-        strategy = self.strategy
-        label_tokens, tokens, slots, documents, flops = strategy.all_reduce_sum(
+    def forward_backward(self, batches: list[MicroBatch]) -> dict:
+        """Accumulate this rank's gradients for one global batch; returns global totals (and
+        the objective's train metrics)."""
+        strategy, objective = self.strategy, self.objective
+        count, tokens, slots, documents, flops = strategy.all_reduce_sum(
             [
-                sum(b.num_label_tokens for b in batches),
+                sum(objective.loss_count(b) for b in batches),
                 sum(b.num_tokens for b in batches),
                 sum(b.slots for b in batches),
                 sum(b.num_documents for b in batches),
                 sum(self.flops.step(b.document_lengths) for b in batches),
             ]
         )
-        # A global batch with no label token contributes no gradient; avoid dividing by zero.
-        denominator = max(label_tokens, 1.0)
-        loss_sum = 0.0
+        # A global batch with nothing to learn contributes no gradient; avoid dividing by zero.
+        denominator = max(count, 1.0)
+        forward = functools.partial(self.logits, self.model)
+        loss_sum, sums = 0.0, dict.fromkeys(objective.sum_keys, 0.0)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             last = i == len(batches) - 1
             # Gradients are reduced across ranks once, on the last micro-batch.
             with contextlib.nullcontext() if last else strategy.accumulating(self.model):
-                micro_loss = sft_loss_sum(self.logits(self.model, batch), batch.labels)
+                out = objective.loss(forward, batch)
+                micro_loss = out.loss_sum
                 if injected_fault(self.step + 1, strategy.rank) == "nan":
                     micro_loss = micro_loss * float("nan")
                 strategy.backward(self.model, micro_loss * (strategy.grad_reduction_factor / denominator))
             loss_sum += micro_loss.item()
-        (global_loss_sum,) = strategy.all_reduce_sum([loss_sum])
+            for key, value in out.sums.items():
+                sums[key] += value
+        global_loss_sum, *values = strategy.all_reduce_sum([loss_sum, *sums.values()])
         return {
             "loss_sum": global_loss_sum,
-            "label_tokens": label_tokens,
+            "count": count,
+            **objective.train_metrics(count, dict(zip(sums, values, strict=True))),
             "tokens": tokens,
             "slots": slots,
             "documents": documents,
             "flops": flops,
         }
 
-    def step_batches(self, step: int) -> list[Batch]:
+    def step_batches(self, step: int) -> list[MicroBatch]:
         micro = self.sampler.rank_micro_batches(
             step, self.strategy.rank, self.strategy.world_size, self.cfg.train.micro_batch_size
         )
@@ -218,20 +215,21 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         totals = self.forward_backward(self.step_batches(self.step))
-        label_tokens, tokens = totals["label_tokens"], totals["tokens"]
+        tokens = totals.pop("tokens")
         grad_norm, lr = self.optimizer_step()
         self.step += 1
         self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)
         dt = time.perf_counter() - t0
         step_mfu, self.peak_flops = checked_mfu(totals["flops"], dt, self.strategy.world_size, self.peak_flops, self.device)
+        common = ("loss_sum", "count", "slots", "documents", "flops")
         return {
             "step": self.step,
-            "loss": totals["loss_sum"] / max(label_tokens, 1.0),
+            "loss": totals["loss_sum"] / max(totals["count"], 1.0),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": int(tokens),
-            "label_tokens": int(label_tokens),
+            **{k: v for k, v in totals.items() if k not in common},  # the objective's metrics
             "total_tokens": self.total_tokens,
             "documents": int(totals["documents"]),
             "packing_efficiency": tokens / max(totals["slots"], 1.0),
@@ -246,39 +244,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, with_generation: bool) -> dict:
-        """eval_loss: token-weighted mean over the whole validation set (all ranks' shards)."""
+        """The objective's evaluation pass over the validation set: an eval line."""
         model = self.strategy.unwrap(self.model)
         was_training = model.training
         model.eval()
-        loss_sum, count = 0.0, 0
-        lengths = [sum(len(self.val_examples[i].input_ids) for i in item) for item in self.val_items]
-        rank, world, size = self.strategy.rank, self.strategy.world_size, self.cfg.train.eval_batch_size
-        mine = eval_batches(lengths, rank, world, size)
-        for idx in mine:
-            batch = self.collate_items(self.val_examples, [self.val_items[j] for j in idx]).to(self.device)
-            loss_sum += sft_loss_sum(self.logits(model, batch), batch.labels).item()
-            count += batch.num_label_tokens
-        if self.strategy.shards_parameters:
-            # Sharded forwards are collectives: match the rank with the most batches, results unused.
-            most = max(len(eval_batches(lengths, r, world, size)) for r in range(world))
-            for _ in range(most - len(mine)):
-                self.logits(model, dummy_batch(self.tokenizer.pad_token_id).to(self.device))
-        total_loss, total_count = self.strategy.all_reduce_sum([loss_sum, count])
-        record = {"step": self.step, "eval_loss": total_loss / max(total_count, 1.0), "eval_label_tokens": int(total_count)}
-        if with_generation and self.cfg.eval.exact_match_samples > 0:
-            record_to = self.run_dir / "eval" / f"exact_match_step_{self.step:08d}.jsonl"
-            correct, total = exact_match(model, self.tokenizer, self.val_examples, self.cfg.eval, self.strategy, record_to)
-            if total:
-                record["exact_match"] = correct / total
-                record["exact_match_n"] = int(total)
+        ctx = EvalContext(
+            model=model,
+            forward=functools.partial(self.logits, model),
+            strategy=self.strategy,
+            tokenizer=self.tokenizer,
+            examples=self.val_examples,
+            items=self.val_items,
+            batch_size=self.cfg.train.eval_batch_size,
+            step=self.step,
+            run_dir=self.run_dir,
+            cfg=self.cfg,
+        )
+        record = {"step": self.step, **self.objective.evaluate(ctx, with_generation)}
         model.train(was_training)
         return record
 
     def _log_eval(self, record: dict) -> None:
         self.eval_history.append(record)
         self.metrics.write(record)
-        extra = f", exact_match {record['exact_match']:.1%} of {record['exact_match_n']}" if "exact_match" in record else ""
-        log.info("step %d: eval_loss %.4f%s", record["step"], record["eval_loss"], extra)
+        log.info("step %d: %s", record["step"], self.objective.describe_eval(record))
 
     # --- the whole run ----------------------------------------------------------------------
 
@@ -433,11 +422,12 @@ class Trainer:
     def summary_carry(self) -> dict:
         """The figures summary.json reports about the whole run that a resumed invocation cannot
         measure again, as plain floats (trainer.pt loads with weights_only=True): the base model's
-        exact match (step 0), and the last train and eval losses so far."""
+        task metric (step 0; exact match for SFT), and the last train and eval losses so far."""
         carry = dict(self.carried)
-        at_start = [r for r in self.eval_history if r["step"] == 0 and "exact_match" in r]
-        if at_start and "exact_match_before" not in carry:
-            carry["exact_match_before"] = float(at_start[0]["exact_match"])
+        task = self.objective.task_metric
+        at_start = [r for r in self.eval_history if r["step"] == 0 and task in r]
+        if at_start and f"{task}_before" not in carry:
+            carry[f"{task}_before"] = float(at_start[0][task])
         if self.history:
             carry["final_loss"] = float(self.history[-1]["loss"])
         if self.eval_history:
@@ -457,11 +447,12 @@ class Trainer:
             out["mean_tokens_per_s"] = tokens / max(self.history[-1]["elapsed_s"], 1e-9)
         if "final_eval_loss" in carry:
             out["final_eval_loss"] = carry["final_eval_loss"]
-        measured = [r for r in self.eval_history if "exact_match" in r]
+        task = self.objective.task_metric
+        measured = [r for r in self.eval_history if task in r]
         after = measured[1:] if measured and measured[0]["step"] == 0 else measured  # [0]: "before"
-        if "exact_match_before" in carry and after:
-            out["exact_match_before"] = carry["exact_match_before"]
-            out["exact_match_after"] = after[-1]["exact_match"]
+        if f"{task}_before" in carry and after:
+            out[f"{task}_before"] = carry[f"{task}_before"]
+            out[f"{task}_after"] = after[-1][task]
         return out
 
     def save_final(self) -> Path | None:

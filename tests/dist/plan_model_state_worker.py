@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 from helpers import WorkerRun, worker_config, worker_main
 from memory_probe import measure_loaded, measure_model_state
 
-from ftdist.objectives import sft_loss_sum
+from ftdist.objectives.sft import sft_loss_sum
 from ftdist.plan import predicted_loading, predicted_model_state
 
 

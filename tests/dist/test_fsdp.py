@@ -17,7 +17,7 @@ from ftdist.data.loader import collate
 from ftdist.data.prepare import prepare_data
 from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config
 from ftdist.model.loading import load_tokenizer, resolve_model_path
-from ftdist.objectives import sft_loss_sum
+from ftdist.objectives.sft import sft_loss_sum
 
 FULL = [*FAST, "train.max_steps=5", "train.micro_batch_size=2", "train.eval_every_steps=3"]
 # No adapter dropout: its masks are drawn per rank, so 2 ranks and 1 process would differ.

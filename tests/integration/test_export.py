@@ -20,7 +20,7 @@ from ftdist import export as export_mod
 from ftdist.data.loader import collate
 from ftdist.data.prepare import prepare_data
 from ftdist.model.loading import load_tokenizer, resolve_model_path
-from ftdist.objectives import sft_loss_sum
+from ftdist.objectives.sft import sft_loss_sum
 
 STEPS = ["train.max_steps=2", "checkpoint.every_steps=2", "train.micro_batch_size=4"]
 

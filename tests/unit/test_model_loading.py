@@ -10,7 +10,7 @@ import torch
 
 from ftdist.config import ModelConfig, TinyModelSpec
 from ftdist.model.loading import load_model
-from ftdist.objectives import sft_loss_sum
+from ftdist.objectives.sft import sft_loss_sum
 
 
 def _loss_and_grads(model, ids):

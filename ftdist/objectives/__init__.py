@@ -1,0 +1,34 @@
+"""Training objectives behind one interface (base.Objective), chosen by `objective.name`.
+
+Adding an objective: a module here with a class following base.Objective, an entry in
+OBJECTIVES, and conf/objective/NAME.yaml (`name: NAME` plus its options). Code outside the
+package (a plugin, a test) can add one with `register_objective` instead.
+"""
+
+from __future__ import annotations
+
+from ftdist.config import ConfigError, FtdistConfig
+from ftdist.objectives.base import Objective
+from ftdist.objectives.sft import SFTObjective
+
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective}
+
+
+def register_objective(name: str, cls: type) -> None:
+    """Make `objective.name=NAME` build `cls(cfg, tokenizer)`."""
+    OBJECTIVES[name] = cls
+
+
+def objective_class(name: str) -> type:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is not an objective; known: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
+
+
+def check_objective(cfg: FtdistConfig) -> None:
+    """The configured objective exists (config.validate cannot ask: this package imports config)."""
+    objective_class(cfg.objective.name)
+
+
+def build_objective(cfg: FtdistConfig, tokenizer) -> Objective:
+    return objective_class(cfg.objective.name)(cfg, tokenizer)

@@ -1,0 +1,143 @@
+"""What a training objective is to the trainer: the seam new objectives plug into.
+
+An objective owns everything that differs between, say, supervised fine-tuning and preference
+optimization: how a row becomes an example, how items (examples, or packed rows of several)
+become a micro-batch, the loss of a micro-batch, the metrics it adds to train and eval lines,
+and its evaluation pass. The trainer owns what they share: accumulation, the all-reduce of the
+global normaliser, clipping, stepping, checkpoints, logging and preemption.
+
+The loss contract: `loss` returns a SUM over the objective's units (label tokens for SFT, pairs
+for DPO, sequences for a classifier) and `loss_count` says how many units a micro-batch holds,
+known before any forward. The trainer all-reduces the counts of the whole global batch (every
+micro-batch on every rank) first and divides each micro-batch's sum by that total, so unequal
+lengths, accumulation splits and world sizes all give the same gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ftdist.data.loader import eval_batches
+
+
+class MicroBatch(Protocol):
+    """What the trainer reads of any objective's micro-batch: token accounting for the train
+    line (tokens, packing efficiency, FLOPs) and the move to the device."""
+
+    num_tokens: int  # real (non-padding) tokens
+    num_documents: int
+
+    @property
+    def slots(self) -> int: ...  # token positions computed, padding included
+
+    @property
+    def document_lengths(self) -> list[int]: ...  # real tokens of each document (FLOPs count)
+
+    def to(self, device: torch.device) -> MicroBatch: ...
+
+
+@dataclass
+class ObjectiveLoss:
+    """One micro-batch's loss as a sum (a tensor to backpropagate), and any further sums the
+    objective's metrics need (keyed by its `sum_keys`, summed over the global batch before
+    `train_metrics` sees them)."""
+
+    loss_sum: torch.Tensor
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+Forward = Callable[[Any], torch.Tensor]  # micro-batch -> logits, under the run's precision
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation pass may use: the unwrapped model in eval mode, the forward the
+    trainer uses (autocast, attention masks), the strategy's collectives, the validation set."""
+
+    model: torch.nn.Module
+    forward: Forward
+    strategy: Any  # ftdist.parallel.base.Strategy
+    tokenizer: Any
+    examples: list
+    items: list[list[int]]
+    batch_size: int
+    step: int
+    run_dir: Path
+    cfg: Any  # ftdist.config.FtdistConfig
+
+
+class Objective(Protocol):
+    name: str
+    # The eval metric summary.json reports before and after training ("exact_match" for SFT:
+    # exact_match_before/after), or None.
+    task_metric: str | None
+    # Keys of ObjectiveLoss.sums, fixed up front: every rank all-reduces the same list, even a
+    # rank that evaluates no batch.
+    sum_keys: tuple[str, ...]
+
+    def prepare_data(self, data, tokenizer, seed: int) -> tuple[list, list, Any]:
+        """(train examples, validation examples, report with to_dict()) from `data.*`."""
+        ...
+
+    def make_items(self, examples: list) -> list[list[int]]:
+        """What the sampler orders and a micro-batch holds: lists of example indices."""
+        ...
+
+    def item_length(self, examples: list, item: list[int]) -> int:
+        """Tokens of an item (evaluation groups items of similar length)."""
+        ...
+
+    def collate(self, examples: list, items: list[list[int]]) -> MicroBatch: ...
+
+    def padding_batch(self) -> MicroBatch:
+        """A forward with nothing to learn: keeps sharded ranks in step when one has fewer batches."""
+        ...
+
+    def loss_count(self, batch: MicroBatch) -> int:
+        """Units this micro-batch's loss sums over (its share of the global normaliser)."""
+        ...
+
+    def loss(self, forward: Forward, batch: MicroBatch) -> ObjectiveLoss: ...
+
+    def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
+        """Fields of the train line from the global batch's count and sums."""
+        ...
+
+    def evaluate(self, ctx: EvalContext, with_generation: bool) -> dict:
+        """Fields of an eval line (the trainer adds the step); a collective on every rank."""
+        ...
+
+    def describe_eval(self, record: dict) -> str:
+        """The eval line for the log, e.g. 'eval_loss 0.1234, exact_match 50.0% of 20'."""
+        ...
+
+
+def loss_pass(objective: Objective, ctx: EvalContext) -> tuple[float, float, dict[str, float]]:
+    """The validation set's loss sum, count and metric sums over all ranks' shards.
+
+    Each rank takes a share of the items, grouped by length to waste little padding; the
+    result is a sum, so the grouping does not change it."""
+    lengths = [objective.item_length(ctx.examples, item) for item in ctx.items]
+    strategy, world = ctx.strategy, ctx.strategy.world_size
+    mine = eval_batches(lengths, strategy.rank, world, ctx.batch_size)
+    loss_sum, count, sums = 0.0, 0, {}
+    for idx in mine:
+        batch = objective.collate(ctx.examples, [ctx.items[j] for j in idx]).to(strategy.device)
+        out = objective.loss(ctx.forward, batch)
+        loss_sum += out.loss_sum.item()
+        count += objective.loss_count(batch)
+        for key, value in out.sums.items():
+            sums[key] = sums.get(key, 0.0) + value
+    if strategy.shards_parameters:
+        # Sharded forwards are collectives: match the rank with the most batches, results unused.
+        most = max(len(eval_batches(lengths, r, world, ctx.batch_size)) for r in range(world))
+        for _ in range(most - len(mine)):
+            ctx.forward(objective.padding_batch().to(strategy.device))
+    keys = objective.sum_keys
+    total_loss, total_count, *values = strategy.all_reduce_sum([loss_sum, count, *(sums.get(k, 0.0) for k in keys)])
+    return total_loss, total_count, dict(zip(keys, values, strict=True))

@@ -1,0 +1,95 @@
+"""Supervised fine-tuning: next-token cross-entropy on the tokens that carry labels (the
+responses, unless data.train_on_prompt), over padded or packed rows (`data.packing`).
+
+Rows become examples by ftdist.data (formats instruction, chat, text); evaluation is the
+token-weighted loss over the validation set and, where asked, exact match of greedy generations
+against the reference responses (`eval.exact_match_samples`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ftdist.config import FtdistConfig
+from ftdist.constants import IGNORE_INDEX
+from ftdist.data.loader import Batch, collate
+from ftdist.data.packing import collate_packed, pack_documents
+from ftdist.data.prepare import Example, prepare_data
+from ftdist.evaluation import exact_match
+from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, loss_pass
+
+
+def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose (shifted) label is not ignored."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+class SFTObjective:
+    name = "sft"
+    task_metric = "exact_match"
+    sum_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: FtdistConfig, tokenizer):
+        self.cfg = cfg
+        self.pad_token_id = tokenizer.pad_token_id
+
+    # --- data -----------------------------------------------------------------------------
+
+    def prepare_data(self, data, tokenizer, seed: int):
+        return prepare_data(data, tokenizer, seed)
+
+    def make_items(self, examples: list[Example]) -> list[list[int]]:
+        d = self.cfg.data
+        if not d.packing:
+            return [[i] for i in range(len(examples))]
+        lengths = [len(e.input_ids) for e in examples]
+        return pack_documents(lengths, d.max_seq_len, self.cfg.seed, d.packing_window)
+
+    def item_length(self, examples: list[Example], item: list[int]) -> int:
+        return sum(len(examples[i].input_ids) for i in item)
+
+    def collate(self, examples: list[Example], items: list[list[int]]) -> Batch:
+        if self.cfg.data.packing:
+            return collate_packed([[examples[i] for i in item] for item in items], self.pad_token_id)
+        return collate([examples[item[0]] for item in items], self.pad_token_id)
+
+    def padding_batch(self) -> Batch:
+        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long)
+        return Batch.from_tensors(ids, torch.ones_like(ids), torch.full_like(ids, IGNORE_INDEX))
+
+    # --- loss -----------------------------------------------------------------------------
+
+    def loss_count(self, batch: Batch) -> int:
+        return batch.num_label_tokens
+
+    def loss(self, forward: Forward, batch: Batch) -> ObjectiveLoss:
+        return ObjectiveLoss(sft_loss_sum(forward(batch), batch.labels))
+
+    def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
+        return {"label_tokens": int(count)}
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self, ctx: EvalContext, with_generation: bool) -> dict:
+        """eval_loss: token-weighted mean over the whole validation set (all ranks' shards)."""
+        loss_sum, count, _ = loss_pass(self, ctx)
+        record = {"eval_loss": loss_sum / max(count, 1.0), "eval_label_tokens": int(count)}
+        if with_generation and ctx.cfg.eval.exact_match_samples > 0:
+            record_to = ctx.run_dir / "eval" / f"exact_match_step_{ctx.step:08d}.jsonl"
+            correct, total = exact_match(ctx.model, ctx.tokenizer, ctx.examples, ctx.cfg.eval, ctx.strategy, record_to)
+            if total:
+                record["exact_match"] = correct / total
+                record["exact_match_n"] = int(total)
+        return record
+
+    def describe_eval(self, record: dict) -> str:
+        extra = f", exact_match {record['exact_match']:.1%} of {record['exact_match_n']}" if "exact_match" in record else ""
+        return f"eval_loss {record['eval_loss']:.4f}{extra}"
