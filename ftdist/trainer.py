@@ -29,39 +29,16 @@ from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, s
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import GlobalBatchSampler
-from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, logical_ndim, peak_memory_gb
+from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, peak_memory_gb
 from ftdist.model.attention import model_inputs, sliding_window_of
 from ftdist.objectives import build_objective
 from ftdist.objectives.base import EvalContext, MicroBatch, Objective
+from ftdist.optim import build_optimizer, lr_multiplier
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
 from ftdist.tracking import MetricsWriter, WandbTracker
 
 log = logging.getLogger("ftdist")
-
-
-def build_optimizer(model: torch.nn.Module, cfg: FtdistConfig) -> torch.optim.Optimizer:
-    t = cfg.train
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # Norm gains and biases are not weight-decayed (standard for transformers).
-            (decay if logical_ndim(p) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-
-
-def lr_multiplier(step: int, cfg: FtdistConfig, total_steps: int) -> float:
-    """Linear warmup from 0, then cosine or linear decay to min_lr_ratio (or constant)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
 
 def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:

@@ -15,8 +15,9 @@ import torch
 from helpers import random_examples
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, TinyModelSpec, TrainConfig
+from ftdist.optim import lr_multiplier
 from ftdist.parallel.base import Strategy
-from ftdist.trainer import Trainer, lr_multiplier
+from ftdist.trainer import Trainer
 
 
 def config(tmp_path=".", **train) -> FtdistConfig:
