@@ -31,7 +31,7 @@ from ftdist.config import (
     register_schemas,
 )
 from ftdist.constants import EXIT_BAD_INPUT, EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
-from ftdist.parallel.base import PreflightError
+from ftdist.parallel.base import PreflightError, launched_world_size
 from ftdist.resilience import NonFiniteError, Preempted
 
 LINGER_S = 3.0  # how long other ranks wait for rank 0's clean-up after bad input
@@ -241,7 +241,7 @@ def say(line: str) -> None:
 def leave(code: int) -> None:
     """End the process with `code`: through exit_now under torchrun (every code, 75 included: a
     preempted rank aborted in teardown in CI, and torchrun then reported exit 1, not 75)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         exit_now(code)
     if code != 0:
         sys.exit(code)
