@@ -93,14 +93,9 @@ def assert_same_final_weights(expected_run: Path, actual_run: Path, rtol: float 
 
 def worker_config(out_dir: Path, overrides: list[str]):
     """The typed config a worker's run uses, composed as ftdist.train composes it."""
-    from hydra import compose, initialize_config_dir
+    from ftdist.config import compose, load_config
 
-    from ftdist.config import load_config, register_schemas
-    from ftdist.train import CONF_DIR
-
-    register_schemas()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return load_config(compose("config", overrides=[*overrides, f"output_dir={out_dir}"]))
+    return load_config(compose([*overrides, f"output_dir={out_dir}"]))
 
 
 class WorkerRun:

@@ -9,16 +9,15 @@ import pytest
 import torch
 from conftest import shared_dataset
 from helpers import FAST, read_metrics, run_train
-from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
+from ftdist.config import compose
 from ftdist.model.loading import resolve_model_path
-from ftdist.train import CONF_DIR, run
+from ftdist.train import run
 
 
 def test_in_process_run_and_final_reload(tmp_path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=[*FAST, "train.max_steps=4", f"output_dir={tmp_path}"])
+    dcfg = compose([*FAST, "train.max_steps=4", f"output_dir={tmp_path}"])
     trainer, summary = run(dcfg, output_dir=str(tmp_path))
     assert summary["steps"] == 4
     for name in ("config.yaml", "metrics.jsonl", "train.log", "data_report.json", "summary.json"):
@@ -37,8 +36,7 @@ def test_in_process_run_and_final_reload(tmp_path):
 
 
 def test_eval_loss_is_token_weighted_mean_over_validation_set(tmp_path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=[*FAST, "train.max_steps=1", "train.eval_batch_size=3", f"output_dir={tmp_path}"])
+    dcfg = compose([*FAST, "train.max_steps=1", "train.eval_batch_size=3", f"output_dir={tmp_path}"])
     trainer, _ = run(dcfg, output_dir=str(tmp_path))
     model = trainer.strategy.unwrap(trainer.model).eval()
     total, count = 0.0, 0

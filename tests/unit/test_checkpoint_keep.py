@@ -57,12 +57,8 @@ def test_prune_without_checkpoints_directory_is_a_no_op(tmp_path):
 
 def test_keep_must_be_positive():
     """keep=0 would make prune's slice [:-0] keep everything: the config refuses it instead."""
-    from hydra import compose, initialize_config_dir
+    from ftdist.config import ConfigError, compose, load_config
 
-    from ftdist.config import ConfigError, load_config
-    from ftdist.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=["+experiment=tiny_cpu", "checkpoint.keep=0"])
+    dcfg = compose(["+experiment=tiny_cpu", "checkpoint.keep=0"])
     with pytest.raises(ConfigError, match="checkpoint.keep"):
         load_config(dcfg)
