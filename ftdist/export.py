@@ -30,7 +30,7 @@ import torch
 
 from ftdist.checkpoint import complete_checkpoints
 from ftdist.compat import require_attr
-from ftdist.config import ConfigError, FtdistConfig
+from ftdist.config import ConfigError, FtdistConfig, check_known_keys, hydra_error_message
 from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
 
 log = logging.getLogger("ftdist")
@@ -106,10 +106,17 @@ def read_run_config(run_dir: Path) -> FtdistConfig:
             f"{path}: no config.yaml (the run directory's config.yaml names the base model and peft settings; "
             "export a checkpoint or final/ inside its run directory)"
         )
+    # Not load_config: the saved config passed its checks when the run started, and its validate
+    # also asks what a run needs (DeepSpeed installed for zero*, rules added since) that an export
+    # of finished weights does not. The key check and the one-line message are config's own.
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FtdistConfig), OmegaConf.load(path)))
+        saved = OmegaConf.load(path)
+        check_known_keys(saved)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FtdistConfig), saved))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: not an ftdist run config: {e}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: not an ftdist run config: {e}") from e
+        raise ConfigError(f"{path}: not an ftdist run config: {hydra_error_message(e)}") from None
 
 
 # --- reading the trained weights ------------------------------------------------------------

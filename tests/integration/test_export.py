@@ -295,6 +295,20 @@ def test_missing_path_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [expected]
 
 
+def test_run_config_with_unknown_key_or_wrong_type_is_one_line_naming_the_key(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ftdist.config import ConfigError, compose
+
+    saved = OmegaConf.to_container(compose(["+experiment=tiny_cpu", f"output_dir={tmp_path}"]), resolve=True)
+    for key, value, named in (("lrr", 1, "unknown config key 'train.lrr'"), ("lr", "abc", "full_key: train.lr")):
+        (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml({**saved, "train": {**saved["train"], key: value}}))
+        with pytest.raises(ConfigError) as e:
+            export_mod.read_run_config(tmp_path)
+        assert str(e.value).startswith(f"{tmp_path / 'config.yaml'}: not an ftdist run config: ")
+        assert named in str(e.value) and "\n" not in str(e.value)
+
+
 def test_partial_checkpoint_and_missing_config_exit_2(single_run, tmp_path, capsys):
     partial = tmp_path / "run" / "checkpoints" / "step_00000002.partial"  # a save cut short
     shutil.copytree(single_run / "checkpoints" / "step_00000002", partial)
