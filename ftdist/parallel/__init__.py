@@ -1,4 +1,5 @@
-"""Parallel strategies behind one interface (see base.Strategy)."""
+"""Parallel strategies behind one interface (see base.Strategy), each in its own module with
+both what it does and what it costs; `strategy_class` is the one place a name is looked up."""
 
 from __future__ import annotations
 
@@ -12,24 +13,31 @@ from ftdist.parallel.base import Strategy, launched_world_size
 pin_deepspeed_accelerator()
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
+def strategy_class(cfg: StrategyConfig) -> type[Strategy]:
+    """The class that runs `cfg` (build_strategy) and sizes it (ftdist.plan, with no process
+    group). Modules import on demand: FSDP's takes most of a second, and none imports DeepSpeed
+    itself until a DeepSpeedStrategy is built."""
     if cfg.name == "single":
-        if launched_world_size() > 1:
-            raise ConfigError(
-                f"strategy=single but WORLD_SIZE={launched_world_size()} (launched by torchrun): "
-                "use strategy=ddp, fsdp or zero* for more than one process"
-            )
-        return Strategy(cfg)
+        return Strategy
     if cfg.name == "ddp":
         from ftdist.parallel.ddp import DDPStrategy
 
-        return DDPStrategy(cfg)
+        return DDPStrategy
     if cfg.name == "fsdp":
         from ftdist.parallel.fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg)
+        return FSDPStrategy
     if cfg.name == "deepspeed":
         from ftdist.parallel.deepspeed import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(cfg)
+        return DeepSpeedStrategy
     raise ConfigError(f"strategy.name={cfg.name!r} is not implemented")
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    if cfg.name == "single" and launched_world_size() > 1:
+        raise ConfigError(
+            f"strategy=single but WORLD_SIZE={launched_world_size()} (launched by torchrun): "
+            "use strategy=ddp, fsdp or zero* for more than one process"
+        )
+    return strategy_class(cfg)(cfg)

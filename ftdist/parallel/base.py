@@ -4,6 +4,11 @@ Model code knows nothing of parallelism: a strategy takes a built model and wrap
 trainer sees only this interface: prepare (wrap the model, build optimizer and schedule),
 accumulating and backward (gradient accumulation), optimizer_step (clip, step, schedule),
 all-reduce of a few scalars, unwrap for evaluation, and full_state_dict for saving.
+
+Each strategy class also says what it costs, beside the code that incurs it: class-level methods
+that size a run from its config and the model's storage (ftdist.model_memory.ModelState), with
+no process group and no weights. ftdist.plan adds them up; tests/dist/test_plan_model_state.py
+holds them to what each rank holds.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import datetime
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ftdist.config import ConfigError, StrategyConfig, TrainConfig
+from ftdist.config import ConfigError, FtdistConfig, StrategyConfig, TrainConfig
+from ftdist.model_memory import ModelState
 from ftdist.resilience import injected_fault
 
 
@@ -119,6 +126,40 @@ def init_process_group(cfg: StrategyConfig, device: torch.device) -> None:
     if injected_fault(0, dist.get_rank()) == "stall":
         time.sleep(cfg.preflight_timeout_s + 30)  # a rank that never checks in (tests)
     preflight(store, dist.get_rank(), dist.get_world_size(), cfg.preflight_timeout_s, device)
+
+
+@dataclass
+class Layout:
+    """Where each kind of model state lives and over how many ranks it is split."""
+
+    param_shards: int
+    grad_shards: int
+    optim_shards: int
+    params_on_cpu: bool = False
+    grads_on_cpu: bool = False
+    optim_on_cpu: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def placement(self) -> dict[str, tuple[int, bool]]:
+        """(shards, in CPU memory) of each part of the model state; adapters go with parameters."""
+        params = (self.param_shards, self.params_on_cpu)
+        return {"parameters": params, "lora": params, "gradients": (self.grad_shards, self.grads_on_cpu),
+                "optimizer": (self.optim_shards, self.optim_on_cpu)}
+
+
+def replicated(who: str) -> Layout:
+    return Layout(1, 1, 1, notes=[f"{who} holds a full replica of parameters, gradients and optimizer state"])
+
+
+@dataclass
+class Loading:
+    """Memory while the model loads, before the strategy has sharded it: host bytes on rank 0
+    and on each other rank, and GPU bytes beyond the rank's settled share."""
+
+    host_rank0: float
+    host_other_rank: float
+    note: str
+    gpu_extra: float = 0.0
 
 
 class Strategy:
@@ -265,6 +306,71 @@ class Strategy:
     def shutdown(self) -> None:
         pass
 
+    # --- what it costs: class-level, from the config and the model's storage -----------------
+
+    @classmethod
+    def planned_world_size(cls, cfg: FtdistConfig) -> int:
+        """Ranks this strategy runs on the cluster cfg.cluster describes."""
+        return 1
+
+    @classmethod
+    def describe(cls, cfg: FtdistConfig) -> str:
+        return cfg.strategy.name
+
+    @classmethod
+    def layout(cls, cfg: FtdistConfig, world: int) -> Layout:
+        return replicated("one process")
+
+    @classmethod
+    def state_bytes(cls, cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
+        """Full (unsharded) bytes of parameters, adapters, gradients and optimizer state, in the
+        dtypes this strategy keeps them. torch AdamW's two states take the parameter's dtype: an
+        fp32 model under bf16 compute trains at 4+4+8 bytes a parameter, a bf16 model in pure
+        bf16 at 2+2+4, with no fp32 master."""
+        return {"parameters": m.base_bytes, "lora": m.adapter_bytes, "gradients": m.trainable_bytes,
+                "optimizer": 2 * m.trainable_bytes}
+
+    @classmethod
+    def rank_state_bytes(cls, cfg: FtdistConfig, m: ModelState, world: int, rank: int | None = None) -> dict:
+        """`rank`'s share of each part of state_bytes, wherever it lives (None: the rank that
+        holds most; the same on every rank where the layout splits evenly)."""
+        full = cls.state_bytes(cfg, m)
+        return {part: full[part] / shards for part, (shards, _) in cls.layout(cfg, world).placement().items()}
+
+    @classmethod
+    def communication_bytes(cls, cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, str]:
+        """GPU bytes of the buffers collectives use while training, and what they are."""
+        return 0.0, "none (one process)"
+
+    @classmethod
+    def loading(cls, cfg: FtdistConfig, m: ModelState) -> Loading:
+        """Memory while ftdist.model.loading loads the model for this strategy."""
+        if cfg.peft.method == "qlora":
+            return Loading(0.0, 0.0, "each weight is quantized on the GPU as it loads")
+        whole = m.loaded_bytes
+        return Loading(whole, whole, "every rank loads the whole model into CPU memory, then moves it to its GPU")
+
+    @classmethod
+    def memory_changes(cls, cfg: FtdistConfig) -> list[tuple[str, dict[str, object]]]:
+        """Changes of strategy that need less GPU memory on the same GPUs, cheapest first, as
+        (why, overrides): ftdist.plan tries those not already in effect."""
+        return [("offload to CPU memory", {"strategy.name": "fsdp", "strategy.cpu_offload": True})]
+
+    @classmethod
+    def sharding_change(cls, cfg: FtdistConfig) -> dict[str, object]:
+        """Overrides under which more GPUs share this run's state instead of replicating it."""
+        return {"strategy.name": "fsdp"}
+
+    @classmethod
+    def units(cls, num_layers: int) -> int | None:
+        """How many units the strategy wraps the model in (None: it does not)."""
+        return None
+
+    @classmethod
+    def render_overrides(cls, overrides: dict[str, object]) -> list[str]:
+        """A suggested change as command-line overrides."""
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
 
 class DistributedStrategy(Strategy):
     """A process group (torchrun's env:// or a one-process group) and the collectives on it."""
@@ -277,6 +383,10 @@ class DistributedStrategy(Strategy):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = dist.get_backend()
+
+    @classmethod
+    def planned_world_size(cls, cfg: FtdistConfig) -> int:
+        return cfg.cluster.nodes * cfg.cluster.gpus_per_node
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

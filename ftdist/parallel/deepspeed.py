@@ -13,6 +13,10 @@ boundary `engine.step()` (reduction where pending, clipping, optimizer, schedule
 Checkpoints are DeepSpeed's own (`engine.save_checkpoint`): each rank writes its optimizer
 partition, in the layout DeepSpeed's tools (zero_to_fp32.py, ds_to_universal) read. They
 resume only into the same data-parallel world size and ZeRO stage (`check_same_layout`).
+
+DeepSpeedStrategy's class methods size each stage (ftdist.plan) without importing DeepSpeed:
+its dtypes and fp32 master, the partitions (ZeRO-2's uneven ones: `zero_gradient_partitions`),
+its default buckets, and zero.Init's loading.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -27,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from ftdist.compat import library_error, require_attr
-from ftdist.config import ConfigError, StrategyConfig, TrainConfig
-from ftdist.parallel.base import DistributedStrategy
+from ftdist.config import ConfigError, FtdistConfig, StrategyConfig, TrainConfig
+from ftdist.model_memory import ModelState, compute_bytes
+from ftdist.parallel.base import DistributedStrategy, Layout, Loading
 
 log = logging.getLogger("ftdist")
 
@@ -36,6 +42,10 @@ QUIET_STEPS = 2**31 - 1  # steps_per_print: DeepSpeed's own progress lines never
 # Each ftdist checkpoint directory holds one DeepSpeed checkpoint, always under this tag.
 CHECKPOINT_TAG = "deepspeed"
 SHM_COMM_OP = "deepspeed_shm_comm"  # the NAME of DeepSpeed's ShareMemCommBuilder
+# DeepSpeed's defaults, in elements: zero_section does not set them.
+REDUCE_BUCKET = 500_000_000
+ALLGATHER_BUCKET = 500_000_000
+MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters
 
 
 def _import_deepspeed():
@@ -78,6 +88,26 @@ def zero_section(cfg: StrategyConfig) -> dict:
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return zero
+
+
+def zero_gradient_partitions(groups: list[list[int]], world: int) -> list[int]:
+    """Elements of ZeRO-2's gradient partition buffer on each rank (contiguous_gradients, which
+    zero_section sets). Each group is flattened, padded to a multiple of 2 x world and cut
+    into equal slices, but the buffer holds every parameter that overlaps the rank's slice whole,
+    so a parameter straddling a boundary counts on both ranks (DeepSpeed 0.19's stage_1_and_2)."""
+    per_rank = [0] * world
+    for sizes in groups:
+        if not sizes:
+            continue
+        alignment = 2 * world
+        part = math.ceil(sum(sizes) / alignment) * alignment // world
+        for rank in range(world):
+            start, end, offset = rank * part, (rank + 1) * part, 0
+            for n in sizes:
+                if start <= offset < end or offset < start < offset + n:
+                    per_rank[rank] += n
+                offset += n
+    return per_rank
 
 
 def deepspeed_config(strategy: StrategyConfig, train: TrainConfig, world_size: int, bf16: bool) -> dict:
@@ -325,3 +355,87 @@ class DeepSpeedStrategy(DistributedStrategy):
             return None
         # Keyed by storage, so tied parameters (embedding and head) stay one tensor.
         return {k: master.get(v.data_ptr(), v) for k, v in module.state_dict().items()}
+
+    # --- what it costs ------------------------------------------------------------------------
+
+    @classmethod
+    def describe(cls, cfg: FtdistConfig) -> str:
+        s = cfg.strategy
+        return f"zero{s.zero_stage}" + ("_offload" if s.offload_params or s.offload_optimizer else "")
+
+    @classmethod
+    def layout(cls, cfg: FtdistConfig, world: int) -> Layout:
+        s = cfg.strategy
+        stage = s.zero_stage
+        lay = Layout(world if stage == 3 else 1, world if stage >= 2 else 1, world,
+                     params_on_cpu=s.offload_params, grads_on_cpu=s.offload_optimizer and stage >= 2,
+                     optim_on_cpu=s.offload_optimizer)
+        split = {1: "optimizer state", 2: "optimizer state and gradients", 3: "parameters, gradients and optimizer state"}
+        lay.notes.append(f"DeepSpeed ZeRO stage {stage} over {world} ranks: {split[stage]} partitioned 1/{world}")
+        if s.offload_optimizer or s.offload_params:
+            what = [w for w, on in (("optimizer state", s.offload_optimizer), ("parameters", s.offload_params)) if on]
+            lay.notes.append(f"{' and '.join(what)} offloaded to CPU")
+        return lay
+
+    @classmethod
+    def state_bytes(cls, cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
+        """Parameters and gradients in the engine dtype (bf16 when bf16 is on), and an fp32 master
+        partition beside Adam's fp32 states: 2+2+4+8 = 16 bytes a parameter (the ZeRO paper's)."""
+        engine = compute_bytes(cfg)
+        return {
+            "parameters": m.base_compute_bytes if engine == 2 else m.base_bytes,
+            "lora": m.adapter_bytes * engine / 4,
+            "gradients": m.trainable * engine,
+            # An fp32 master partition always: DeepSpeed 0.19's ZeRO-3 means to share it with fp32
+            # partitions, but compares a device name (str) with a torch.device, which never matches
+            # (measured: tests/dist/test_plan_model_state.py).
+            "optimizer": m.trainable * 12,
+        }
+
+    @classmethod
+    def rank_state_bytes(cls, cfg: FtdistConfig, m: ModelState, world: int, rank: int | None = None) -> dict:
+        out = super().rank_state_bytes(cfg, m, world, rank)
+        if cfg.strategy.zero_stage == 2:
+            # Uneven: each rank's buffer holds the parameters straddling its slice whole.
+            buffers = zero_gradient_partitions(m.optimizer_groups, world)
+            elements = max(buffers) if rank is None else buffers[rank]
+            out["gradients"] = elements * (cls.state_bytes(cfg, m)["gradients"] / max(m.trainable, 1))
+        return out
+
+    @classmethod
+    def communication_bytes(cls, cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, str]:
+        act = compute_bytes(cfg)
+        reduce = 4 if act == 2 else 0  # deepspeed_config's communication_data_type fp32 under bf16
+        grad_bucket = min(REDUCE_BUCKET, m.trainable) * (act + reduce)
+        if cfg.strategy.zero_stage == 3:
+            layer = m.layer_gather_bytes / act  # elements (no 4-bit weights under DeepSpeed)
+            live = min(MAX_LIVE_PARAMETERS, max(m.largest_param, layer) + layer)
+            return live * act + grad_bucket, ("largest module (or layer) + next layer all-gathered "
+                                              "(stage3_max_live_parameters 1e9); reduce bucket 5e8 elements")
+        gather_bucket = min(ALLGATHER_BUCKET, m.trainable) * act
+        return grad_bucket + gather_bucket, "reduce bucket and all-gather bucket (5e8 elements each)"
+
+    @classmethod
+    def loading(cls, cfg: FtdistConfig, m: ModelState) -> Loading:
+        if cfg.strategy.zero_stage == 3:
+            return Loading(0.0, 0.0, "zero.Init partitions each tensor as it loads")  # see loading_context
+        return super().loading(cfg, m)
+
+    @classmethod
+    def memory_changes(cls, cfg: FtdistConfig) -> list[tuple[str, dict[str, object]]]:
+        if cfg.strategy.zero_stage == 3:
+            return [("offload to CPU memory", {"strategy.name": "deepspeed", "strategy.zero_stage": 3,
+                                               "strategy.offload_optimizer": True, "strategy.offload_params": True})]
+        return [("offload to CPU memory", {"strategy.offload_optimizer": True})]
+
+    @classmethod
+    def sharding_change(cls, cfg: FtdistConfig) -> dict[str, object]:
+        return {}
+
+    @classmethod
+    def render_overrides(cls, overrides: dict[str, object]) -> list[str]:
+        # ZeRO-3 with both offloads is a shipped preset: name it rather than its four keys.
+        if overrides.get("strategy.offload_params") and overrides.get("strategy.zero_stage") == 3:
+            rest = {k: v for k, v in overrides.items() if not k.startswith("strategy.")}
+            return ["strategy=zero3_offload", *super().render_overrides(rest)]
+        return super().render_overrides(overrides)

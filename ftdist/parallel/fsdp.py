@@ -3,6 +3,9 @@
 Each decoder block is one FSDP unit, then the root (embeddings, final norm, head), so only one
 block's full weights exist at a time. Rank 0 alone loads the weights (other ranks build on the
 meta device) and they are scattered into every rank's shards after sharding.
+
+FSDPStrategy's class methods size all of it (ftdist.plan): shards, the gathered units and
+unsharded gradients communication holds, and what loading holds before sharding.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ftdist.compat import require_attr
-from ftdist.config import ConfigError, TrainConfig
-from ftdist.parallel.base import DistributedStrategy
+from ftdist.config import ConfigError, FtdistConfig, TrainConfig
+from ftdist.model_memory import ModelState, compute_bytes
+from ftdist.parallel.base import DistributedStrategy, Layout, Loading
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -116,6 +120,11 @@ class FSDPStrategy(DistributedStrategy):
         # 4-bit bases are loaded (and quantized) on every rank, not broadcast from rank 0.
         return any(type(p).__name__ == "Params4bit" for p in model.parameters())
 
+    @classmethod
+    def accumulates_unsharded(cls, cfg: FtdistConfig) -> bool:
+        """Whether every rank holds whole gradients between micro-batches (see accumulating)."""
+        return cfg.strategy.accumulate_unsharded and cfg.train.grad_accum_steps > 1
+
     @contextlib.contextmanager
     def accumulating(self, model: FSDPModule):
         if not self.cfg.accumulate_unsharded:
@@ -144,3 +153,64 @@ class FSDPStrategy(DistributedStrategy):
             return out if self.is_main else None
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else None
+
+    # --- what it costs ------------------------------------------------------------------------
+
+    @classmethod
+    def describe(cls, cfg: FtdistConfig) -> str:
+        return "fsdp" + ("+cpu_offload" if cfg.strategy.cpu_offload else "")
+
+    @classmethod
+    def units(cls, num_layers: int) -> int:
+        return num_layers + 1  # apply_fsdp: one per decoder block, then the root
+
+    @classmethod
+    def layout(cls, cfg: FtdistConfig, world: int) -> Layout:
+        off = cfg.strategy.cpu_offload
+        note = f"FSDP2 over {world} ranks: parameters, gradients and optimizer state sharded 1/{world}"
+        lay = Layout(world, world, world, off, off, off, [note + (", in CPU memory (cpu_offload)" if off else "")])
+        if cls.accumulates_unsharded(cfg):
+            lay.grad_shards, lay.grads_on_cpu = 1, False
+            lay.notes.append(f"accumulate_unsharded: until the last of {cfg.train.grad_accum_steps} micro-batches "
+                             "every rank holds all gradients unsharded, on the GPU, in the reduce dtype")
+        return lay
+
+    @classmethod
+    def state_bytes(cls, cfg: FtdistConfig, m: ModelState) -> dict[str, float]:
+        out = super().state_bytes(cfg, m)
+        if cls.accumulates_unsharded(cfg) and compute_bytes(cfg) == 2:
+            out["gradients"] = m.trainable * 4  # FSDP2 accumulates unsharded gradients in fp32 (the reduce dtype)
+        return out
+
+    @classmethod
+    def communication_bytes(cls, cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, str]:
+        act = compute_bytes(cfg)
+        if cfg.strategy.reshard_after_forward:
+            gathered = m.root_gather_bytes + 2 * m.layer_gather_bytes
+            what = "root unit (embeddings, head) + 2 decoder layers all-gathered (in use and prefetched)"
+        else:
+            gathered = m.base_compute_bytes + m.adapter_bytes
+            what = "every unit stays gathered (reshard_after_forward=false)"
+        # prepare()'s policy reduces in fp32 under bf16 compute: a unit's gradients exist in both.
+        reduce = 4 if act == 2 else 0
+        unsharded = max(m.layer_trainable, m.root_trainable) * (act + reduce)
+        return gathered + unsharded, f"{what}; one unit's unsharded gradients before reduce-scatter"
+
+    @classmethod
+    def loading(cls, cfg: FtdistConfig, m: ModelState) -> Loading:
+        whole = m.loaded_bytes
+        if cfg.peft.method == "qlora":
+            # Every rank quantizes the whole base (on its GPU) into CPU memory; fully_shard then
+            # moves one unit at a time to the GPU, shards it, and frees the rest.
+            return Loading(whole, whole, "every rank quantizes the whole 4-bit base into CPU memory; fully_shard "
+                           "moves it to the GPU one block at a time", gpu_extra=m.unit_stored_bytes)
+        return Loading(whole, 0.0, "rank 0 loads the whole model into CPU memory, the other ranks build it on the "
+                       "meta device; rank 0 broadcasts each tensor into the shards")
+
+    @classmethod
+    def memory_changes(cls, cfg: FtdistConfig) -> list[tuple[str, dict[str, object]]]:
+        return [("offload to CPU memory", {"strategy.cpu_offload": True})]
+
+    @classmethod
+    def sharding_change(cls, cfg: FtdistConfig) -> dict[str, object]:
+        return {}
