@@ -1,38 +1,23 @@
-"""`dry_run=true`: size a run before it is launched. Nothing is downloaded, loaded or written.
+"""`dry_run=true`: ftdist.plan's sizing of this launch, in a dry run's words. Nothing is
+downloaded, loaded or written.
 
-The model is built from its config on the meta device (shapes and dtypes, no storage) and wrapped
-with the same peft adapters training uses, so the parameter counts are the real module tree's.
-The memory figures are ftdist.plan's, for WORLD_SIZE ranks (8 when unset).
+The model is built on the meta device with the adapters training uses (ftdist.model_memory), so
+the parameter counts are the real module tree's, and every memory figure is ftdist.plan's. The
+world size is the planner's too: cluster.nodes x cluster.gpus_per_node (1 x 8 unless set), except
+under torchrun, where the launch's WORLD_SIZE, in nodes of LOCAL_WORLD_SIZE ranks, sets those two
+keys: the ranks that will run are the ones to size.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 
-import torch
-
+from ftdist import plan
 from ftdist.config import FtdistConfig
-from ftdist.constants import DTYPES, GIB
-
-DEFAULT_WORLD_SIZE = 8  # one 8-GPU node: the usual unit of a cluster allocation
-# bitsandbytes NF4 with double quantization: 4 bits per weight, an 8-bit absmax per block of 64
-# weights, and an fp32 scale per 256 of those absmaxes.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-LOSS_BYTES_PER_LOGIT = 8  # the loss upcasts the logits to fp32, and their gradient is fp32 too
-
-
-@dataclass
-class Census:
-    """Parameter counts of a built (meta) model (its storage: ftdist.plan.ModelState)."""
-
-    total: int  # base model parameters; a 4-bit weight counts as one parameter
-    trainable: int
-    adapter: int  # parameters peft added
-    num_layers: int
-    adapted_in_features: int  # summed input width of the adapted linears of one layer
-    adapted_modules: int  # adapted linears per layer
+from ftdist.constants import GIB
+from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, model_state
+from ftdist.parallel import strategy_class
 
 
 def format_count(n: float) -> str:
@@ -42,114 +27,39 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
-def build_meta_model(cfg: FtdistConfig):
-    """(hf config, model with adapters, ids of the weights QLoRA stores in 4 bits, decoder layers,
-    ids of the base model's parameters)."""
-    from transformers import AutoModelForCausalLM
-
-    from ftdist.console import quiet_library_hints
-    from ftdist.model.adapters import apply_adapters
-
-    quiet_library_hints()  # before apply_adapters imports peft, and peft bitsandbytes
-    from ftdist.model.architectures import model_config
-
-    config = model_config(cfg.model)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
-        )
-    quantized = quantized_weights(model) if cfg.peft.method == "qlora" else set()
-    layers = decoder_layers(model)
-    base_ids = {id(p) for p in model.parameters()}
-    # Adapters on meta too: a 70B's LoRA alone is ~200M parameters.
-    with torch.device("meta"):
-        model = apply_adapters(model, cfg.peft)
-    return config, model, quantized, layers, base_ids
-
-
-def quantized_weights(model: torch.nn.Module) -> set[int]:
-    # transformers' bitsandbytes integration quantizes every nn.Linear but the output head.
-    head = model.get_output_embeddings()
-    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks (FSDP's per-block units): transformers names their class."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:  # no declared block class: the longest ModuleList
-        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-        layers = list(max(lists, key=len)) if lists else []
-    return layers
-
-
-def take_census(model, quantized: set[int], layers, base_ids: set[int]) -> Census:
-    params = list(model.parameters())
-    adapted = [m for m in layers[0].modules() if hasattr(m, "lora_A")] if layers else []
-    return Census(
-        total=sum(p.numel() for p in params if id(p) in base_ids),
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        adapter=sum(p.numel() for p in params if id(p) not in base_ids),
-        num_layers=len(layers),
-        adapted_in_features=sum(m.in_features for m in adapted),
-        adapted_modules=len(adapted),
-    )
-
-
-def resolve_world_size(cfg: FtdistConfig, world_size: int | None) -> tuple[int, str]:
-    if cfg.strategy.name == "single":
-        return 1, "strategy=single runs one process"
-    if world_size:
-        return world_size, "as requested"
-    if os.environ.get("WORLD_SIZE"):
-        return int(os.environ["WORLD_SIZE"]), "from WORLD_SIZE"
-    return DEFAULT_WORLD_SIZE, "WORLD_SIZE unset: one node of 8 GPUs assumed; set WORLD_SIZE=N to size for N ranks"
-
-
-def compute_bytes(cfg: FtdistConfig) -> int:
-    # bf16 where the model is bf16 or autocast runs (auto: bf16 on a bf16 GPU, the target here).
-    return 2 if cfg.model.dtype == "bf16" or cfg.train.mixed_precision != "none" else 4
-
-
-def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
-    """Saved activations of one micro-batch: a rough count of the tensors autograd keeps."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
-    tokens, act = rows * seq, compute_bytes(cfg)
-    # Per token and layer, as counted with saved-tensor hooks on transformers' Llama (sdpa):
-    # 8h + 2kv + 4I (norm inputs and outputs and the projections' 2-D views, q, k, v, attention
-    # output with no T x T matrix, MLP gate, up, activation, product). LoRA keeps its r-wide
-    # hidden and, with dropout, its own dropped copy of each adapted input and a 1-byte mask.
-    per_token = 8 * h + 2 * kv + 4 * inter + c.adapted_modules * cfg.peft.r
-    masks = 0
-    if cfg.peft.dropout > 0:
-        per_token += c.adapted_in_features
-        masks = c.adapted_in_features
-    per_layer = tokens * (per_token * act + masks)
-    if cfg.model.attn_implementation == "eager":
-        per_layer += rows * heads * seq * seq * 2 * act  # scores and probabilities
-    if cfg.model.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
-        saved = layers * tokens * h * act + per_layer
-    else:
-        saved = layers * per_layer
-    return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
-
-
-def memory_per_rank(cfg: FtdistConfig, built, world: int) -> tuple[dict[str, float], list[str]]:
-    """GiB per rank by part, and the sharding notes, from ftdist.plan's memory model (the one
-    checked against what ranks hold) for `world` ranks on one node."""
-    from ftdist.plan import memory, model_state
-
+def launch_config(cfg: FtdistConfig, world_size: int | None = None) -> tuple[FtdistConfig, str]:
+    """cfg with the cluster shaped as this launch is (an explicit `world_size`: one node of it),
+    and where that shape comes from."""
     sized = copy.deepcopy(cfg)
-    sized.cluster.nodes, sized.cluster.gpus_per_node = 1, world
-    mem = memory(sized, model_state(sized, built))
+    c = sized.cluster
+    if world_size:
+        c.nodes, c.gpus_per_node = 1, world_size
+        why = "as requested"
+    elif os.environ.get("WORLD_SIZE"):
+        world = int(os.environ["WORLD_SIZE"])
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        per_node = per_node if world % per_node == 0 else world  # uneven nodes: size them as one
+        c.nodes, c.gpus_per_node = world // per_node, per_node
+        why = "from WORLD_SIZE"
+    else:
+        why = (f"WORLD_SIZE unset: cluster.nodes x cluster.gpus_per_node = {c.nodes} x {c.gpus_per_node} assumed, "
+               "as python -m ftdist.plan does; set WORLD_SIZE=N to size for N ranks")
+    if plan.world_size(sized) != c.nodes * c.gpus_per_node:
+        why = f"strategy={cfg.strategy.name} runs one process"
+    return sized, why
+
+
+def resolve_world_size(cfg: FtdistConfig, world_size: int | None = None) -> tuple[int, str]:
+    sized, why = launch_config(cfg, world_size)
+    return plan.world_size(sized), why
+
+
+def memory_gib(mem: dict) -> dict[str, float]:
+    """ftdist.plan.memory's GPU parts in GiB, their total as the plan totals them, and the CPU."""
     gib = {part: value / GIB for part, value in mem["gpu"].items()}
-    gib["total_gpu"] = sum(gib.values())
+    gib["total_gpu"] = sum(mem["gpu"].values()) / GIB
     gib["cpu"] = mem["cpu"] / GIB
-    return gib, mem["layout"].notes
+    return gib
 
 
 def describe_model(cfg: FtdistConfig, config, c: Census) -> list[str]:
@@ -186,7 +96,7 @@ def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     lines += [f"  {part:<16} {value:8.2f}" for part, value in mem.items() if part not in ("total_gpu", "cpu")]
     lines.append(f"  {'total GPU':<16} {mem['total_gpu']:8.2f}")
     if mem["cpu"]:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, DEFAULT_WORLD_SIZE)))
+        per_node = min(world, cfg.cluster.gpus_per_node)  # as ftdist.plan counts a node's ranks
         lines.append(f"  {'CPU':<16} {mem['cpu']:8.2f}   offloaded state; {mem['cpu'] * per_node:.1f} per node of "
                      f"{per_node} ranks")
     return lines
@@ -203,21 +113,26 @@ def describe_fit(cfg: FtdistConfig, mem: dict) -> tuple[bool, str]:
     )
 
 
+def sharding_lines(cfg: FtdistConfig, planned: dict, census: Census) -> list[str]:
+    lines = list(planned["layout"].notes)
+    units = strategy_class(cfg.strategy).units(census.num_layers)
+    if units:
+        lines.insert(0, f"{units} units ({census.num_layers} decoder layers + the root: embeddings, final norm, "
+                        "output head)")
+    return lines
+
+
 def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     """Print the report (rank 0 only, if launched under torchrun) and return its numbers."""
-    built = build_meta_model(cfg)
-    config, model, quantized, layers, base_ids = built
-    census = take_census(model, quantized, layers, base_ids)
-    world, world_note = resolve_world_size(cfg, world_size)
-    mem, plan_lines = memory_per_rank(cfg, built, world)
-    if cfg.strategy.name == "fsdp":
-        plan_lines.insert(0, f"{census.num_layers + 1} units ({census.num_layers} decoder layers + the root: "
-                             "embeddings, final norm, output head)")
+    sized, world_note = launch_config(cfg, world_size)
+    m = model_state(sized)
+    planned = plan.memory(sized, m)
+    world, census, mem = planned["world"], m.census, memory_gib(planned)
     lines = [f"ftdist dry run: {cfg.experiment_name} (meta device: no weights loaded, nothing launched)"]
-    lines += describe_model(cfg, config, census)
+    lines += describe_model(cfg, m.config, census)
     lines.append(describe_batch(cfg, world))
-    lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(plan_lines))
-    lines += describe_memory(cfg, mem, world)
+    lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(sharding_lines(cfg, planned, census)))
+    lines += describe_memory(sized, mem, world)
     fits_gpu, fit_line = describe_fit(cfg, mem)
     lines.append(fit_line)
     lines.append(
@@ -235,7 +150,7 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
         "trainable_params": census.trainable,
         "adapter_params": census.adapter,
         "num_layers": census.num_layers,
-        "fsdp_units": census.num_layers + 1 if cfg.strategy.name == "fsdp" else None,
+        "fsdp_units": strategy_class(cfg.strategy).units(census.num_layers),
         "memory_gib": mem,
         "gpu_mem_gb": cfg.cluster.gpu_mem_gb,
         "fits_gpu": fits_gpu,

@@ -17,8 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import WorkerRun, worker_config, worker_main
 
+from ftdist.constants import GIB
 from ftdist.model.loading import resolve_model_path
-from ftdist.plan import GIB, model_state, predicted_loading
+from ftdist.model_memory import model_state
+from ftdist.plan import predicted_loading
 
 
 def gpu_quantized_reference(model_path: str, name: str, like, device: str = "cuda") -> bool:

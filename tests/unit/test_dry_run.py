@@ -5,29 +5,31 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from ftdist.config import ConfigError, DataConfig, FtdistConfig, ModelConfig, PeftConfig, TrainConfig, load_config
-from ftdist.dry_run import (
-    GIB,
-    NF4_BYTES_PER_PARAM,
-    activation_bytes,
-    decoder_layers,
-    dry_run,
-    format_count,
-    resolve_world_size,
-    take_census,
+from ftdist.config import (
+    CONF_DIR,
+    ConfigError,
+    DataConfig,
+    FtdistConfig,
+    ModelConfig,
+    PeftConfig,
+    TrainConfig,
+    compose,
+    load_config,
 )
+from ftdist.constants import GIB
+from ftdist.dry_run import dry_run, format_count, resolve_world_size
 from ftdist.model.adapters import apply_adapters
 from ftdist.model.architectures import ARCHITECTURES, model_config
-from ftdist.train import CONF_DIR, register_schemas
+from ftdist.model_memory import NF4_BYTES_PER_PARAM, activation_bytes, decoder_layers, take_census
+from ftdist.plan import main
 
-register_schemas()
 REPO = Path(CONF_DIR).parent
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 WORLD = 8
@@ -35,9 +37,7 @@ WORLD = 8
 
 def compose_dry_run(overrides: list[str]) -> FtdistConfig:
     # No data.path: a dry run must size a shipped experiment without one.
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose("config", overrides=["output_dir=/tmp/x", "dry_run=true", *overrides])
-    return load_config(dcfg)
+    return load_config(compose(["output_dir=/tmp/x", "dry_run=true", *overrides]))
 
 
 @functools.cache
@@ -225,3 +225,28 @@ def test_estimate_over_the_assumed_gpu_warns_and_is_not_fits(capsys):
     under = dry_run(compose_dry_run(["+experiment=llama8b_full_zero3", f"cluster.gpu_mem_gb={large}"]), world_size=WORLD)
     assert under["fits_gpu"] is True and "WARNING" not in under["report"]
     assert f"fits: {total:.2f} GiB per rank of the {large:g} GiB GPU assumed (cluster.gpu_mem_gb)" in under["report"]
+
+
+def printed_memory(out: str) -> dict[str, str]:
+    """Part -> the GiB figure a report prints for it, in the plan's layout and the dry run's."""
+    return dict(re.findall(r"^  (\w+)(?: GPU)?\s+(\d+\.\d\d)(?:\s|$)", out, re.MULTILINE))
+
+
+def test_plan_and_dry_run_print_the_same_per_rank_memory(monkeypatch, capsys):
+    # The same world size reached both ways: torchrun's WORLD_SIZE (one node of 4) for the dry
+    # run, cluster.gpus_per_node for the planner.
+    overrides = ["+experiment=llama8b_lora_fsdp"]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    dry = dry_run(compose_dry_run(overrides))
+    dry_printed = printed_memory(capsys.readouterr().out)
+    monkeypatch.delenv("WORLD_SIZE")
+    planned = main([*overrides, "cluster.gpus_per_node=4"])
+    plan_printed = printed_memory(capsys.readouterr().out)
+    assert dry["world_size"] == planned["world_size"] == 4
+    parts = set(planned["breakdown_gb"])
+    assert set(dry_printed) == set(plan_printed) == parts | {"total"}
+    assert dry_printed == plan_printed
+    assert {part: dry["memory_gib"][part] for part in parts} == planned["breakdown_gb"]
+    assert dry["memory_gib"]["total_gpu"] == planned["per_gpu_gb"]

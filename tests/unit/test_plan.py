@@ -12,17 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from ftdist.config import ConfigError
-from ftdist.plan import (
-    GIB,
-    activations,
-    compose_plan_config,
-    main,
-    model_state,
-    nf4_bytes_per_param,
-    nf4_constant_bytes,
-    state_bytes,
-    zero_gradient_partitions,
-)
+from ftdist.constants import GIB
+from ftdist.model_memory import model_state, nf4_bytes_per_param, nf4_constant_bytes
+from ftdist.parallel import strategy_class
+from ftdist.parallel.deepspeed import zero_gradient_partitions
+from ftdist.plan import activations, compose_plan_config, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,7 +147,7 @@ def llama8b():
 
 
 def bytes_per_param(cfg, m) -> float:
-    full = state_bytes(cfg, m)
+    full = strategy_class(cfg.strategy).state_bytes(cfg, m)
     return (full["parameters"] + full["gradients"] + full["optimizer"]) / m.census.total
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ftdist.plan import GIB, compose_plan_config, main, memory, model_state
+from ftdist.constants import GIB
+from ftdist.model_memory import model_state
+from ftdist.plan import compose_plan_config, main, memory
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((REPO / "conf" / "experiment").glob("*.yaml"))
