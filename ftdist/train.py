@@ -31,7 +31,7 @@ from ftdist.config import (
     register_schemas,
 )
 from ftdist.constants import EXIT_BAD_INPUT, EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
-from ftdist.parallel.base import PreflightError, launched_world_size
+from ftdist.parallel.process_group import PreflightError, launched_world_size
 from ftdist.resilience import NonFiniteError, Preempted
 
 LINGER_S = 3.0  # how long other ranks wait for rank 0's clean-up after bad input

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ftdist.config import ConfigError, StrategyConfig
 from ftdist.console import pin_deepspeed_accelerator
-from ftdist.parallel.base import Strategy, launched_world_size
+from ftdist.parallel.base import Strategy
+from ftdist.parallel.process_group import launched_world_size
 
 # Now, on import: ftdist.train imports this package before anything imports DeepSpeed (the
 # package check of a zero* run, transformers saving a model), and each rank's DeepSpeed would
