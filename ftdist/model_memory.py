@@ -17,6 +17,7 @@ import torch
 
 from ftdist.config import FtdistConfig
 from ftdist.constants import DTYPES
+from ftdist.optim import decay_groups
 
 NF4_BLOCK = 64  # weights per absmax
 NF4_NESTED_BLOCK = 256  # absmaxes per fp32 scale (double quantization)
@@ -111,10 +112,12 @@ def quantized_weights(model: torch.nn.Module) -> set[int]:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks (FSDP's per-block units): transformers names their class."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:  # no declared block class: the longest ModuleList
+    """The repeated blocks (model.architectures.decoder_blocks), or where the model declares no
+    block class, the longest ModuleList: strategies that do not wrap per block still run it."""
+    from ftdist.model.architectures import decoder_blocks
+
+    layers = decoder_blocks(model)
+    if not layers:
         lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
         layers = list(max(lists, key=len)) if lists else []
     return layers
@@ -169,15 +172,10 @@ def model_state(cfg: FtdistConfig, built=None) -> ModelState:
         layer_trainable=sum(p.numel() for p in biggest if p.requires_grad),
         root_trainable=sum(p.numel() for p in root if p.requires_grad),
         largest_param=max(p.numel() for p in params),
-        optimizer_groups=[[p.numel() for p in group] for group in optimizer_groups(trainable)],
+        optimizer_groups=[[p.numel() for p in group] for group in decay_groups(trainable)],
         matmul_params=matmul_params(model),
         flops_per_token=train_flops_per_token(model),
     )
-
-
-def optimizer_groups(trainable: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
-    """ftdist.trainer.build_optimizer's groups: weight-decayed matrices, then norms and biases."""
-    return [[p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2]]
 
 
 def compute_bytes(cfg: FtdistConfig) -> int:

@@ -93,3 +93,12 @@ def model_config(cfg: ModelConfig):
             f"so its config is unknown without a download: set model.architecture to one of "
             f"{', '.join(known_architectures())}, or point model.name_or_path at a local directory ({e})"
         ) from None
+
+
+def decoder_blocks(model) -> list:
+    """The model's repeated transformer blocks (FSDP's per-block units, the planner's layers):
+    modules of the classes transformers marks unsplittable (`_no_split_modules`); [] where the
+    model declares none. A peft wrapper is looked through."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]

@@ -19,19 +19,19 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig, TrainConfig
+from ftdist.model.architectures import decoder_blocks
 from ftdist.model_memory import ModelState, compute_bytes
 from ftdist.parallel.base import DistributedStrategy, Layout, Loading
 
 
-def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks, found by the class names transformers marks as unsplittable."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks each made an FSDP unit; a model that declares none cannot be sharded."""
+    blocks = decoder_blocks(model)
     if not blocks:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise ConfigError(
-            f"strategy=fsdp: found no decoder blocks in {type(base).__name__} (looked for {sorted(names)}); "
-            "this architecture cannot be sharded per block"
+            f"strategy=fsdp: found no decoder blocks in {type(base).__name__} (looked for "
+            f"{sorted(getattr(base, '_no_split_modules', None) or [])}); this architecture cannot be sharded per block"
         )
     return blocks
 
@@ -41,7 +41,7 @@ def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, 
     kwargs = {"mp_policy": mp, "reshard_after_forward": reshard}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    blocks = decoder_blocks(model)
+    blocks = fsdp_units(model)
     for block in blocks:
         fully_shard(block, **kwargs)
     # The root keeps its parameters gathered after forward: backward needs them right away.
