@@ -602,6 +602,30 @@ def compose(overrides: list[str]) -> DictConfig:
         raise ConfigError(hydra_error_message(e)) from None
 
 
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a multirun's comma-separated overrides, in Hydra's order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ftdist.compat import require_attr, require_private
+
+    needed_for = "ftdist expands a multirun's overrides with Hydra's own sweeper"
+    sweeper = require_private("hydra._internal.core_plugins.basic_sweeper", "BasicSweeper", "hydra-core", needed_for)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return require_attr(sweeper, "split_arguments", "hydra-core", needed_for)(parsed, max_batch_size=None)[0]
+
+
+def command_line_runs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The overrides of every run a command line starts (each combination of a -m sweep), keys
+    checked against the schema first; a sweep value Hydra cannot parse is a one-line ConfigError."""
+    from hydra.errors import HydraException
+
+    check_override_keys(overrides)
+    try:
+        return expand_sweep(overrides) if multirun else [overrides]
+    except HydraException as e:
+        raise ConfigError(hydra_error_message(e)) from None
+
+
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in str(text).splitlines()]
     return "; ".join(line for line in lines if line and not line.startswith("See https://hydra.cc"))

@@ -17,13 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftdist.compat import require_attr, require_private
 from ftdist.config import (
     ConfigError,
     FtdistConfig,
-    check_override_keys,
+    command_line_runs,
     compose,
-    hydra_error_message,
     load_config,
     slurm_procs_per_node,
 )
@@ -31,16 +29,6 @@ from ftdist.config import (
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
 # Set by ftdist.slurm itself in the job's command line, so not taken from the user's overrides.
 OWN_KEYS = ("output_dir", "resume", "slurm.dry_run")
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every combination of a multirun's comma-separated overrides, in Hydra's order."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    needed_for = "ftdist expands a multirun's overrides with Hydra's own sweeper"
-    sweeper = require_private("hydra._internal.core_plugins.basic_sweeper", "BasicSweeper", "hydra-core", needed_for)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return require_attr(sweeper, "split_arguments", "hydra-core", needed_for)(parsed, max_batch_size=None)[0]
 
 
 def _key(override: str) -> str:
@@ -127,17 +115,13 @@ def strategy_for_processes(cfg: FtdistConfig, processes: int) -> list[str]:
 
 def plan(overrides: list[str], multirun: bool) -> tuple[FtdistConfig, Path, list[list[str]]]:
     """Check every run of the job; returns the first run's config, the run directory and the runs."""
-    from hydra.errors import HydraException
+    from ftdist.objectives import check_objective
 
-    check_override_keys(overrides)
-    try:
-        sweep = expand_sweep(overrides) if multirun else [overrides]
-    except HydraException as e:  # a sweep value Hydra cannot parse
-        raise ConfigError(hydra_error_message(e)) from None
+    sweep = command_line_runs(overrides, multirun)
     configs = []
     for combo in sweep:
-        dcfg = compose(combo)
-        cfg = load_config(dcfg)
+        cfg = load_config(compose(combo))
+        check_objective(cfg)  # before the job waits in the queue
         extra = strategy_for_processes(cfg, cfg.slurm.nodes * slurm_procs_per_node(cfg.slurm))
         if extra:
             combo += extra

@@ -25,8 +25,8 @@ from ftdist.config import (
     ConfigError,
     check_override_keys,
     check_packages_import,
+    command_line_runs,
     compose,
-    hydra_error_message,
     load_config,
     register_schemas,
 )
@@ -274,22 +274,14 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # not Hydra's syntax: hydra.main prints its usage
         return
-    check_override_keys(args.overrides)
+    check_override_keys(args.overrides)  # even where Hydra answers a question below
     asks_hydra = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
                   args.config_name, args.config_dir, args.experimental_rerun)
     if any(asks_hydra):  # another primary config, or Hydra answering a question: Hydra's to check
         return
-    from hydra.errors import HydraException
-
-    from ftdist.slurm import expand_sweep
-
-    try:
-        runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
-    except HydraException as e:  # a sweep value Hydra cannot parse
-        raise ConfigError(hydra_error_message(e)) from None
     from ftdist.objectives import check_objective
 
-    for overrides in runs:
+    for overrides in command_line_runs(args.overrides, args.multirun):
         check_objective(load_config(compose(overrides)))
 
 

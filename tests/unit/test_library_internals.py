@@ -195,7 +195,7 @@ def test_fsdp_buffer_broadcast_refuses_a_module_without_its_non_persistent_set(m
 def test_sweep_expansion_through_hydra_and_its_absence(monkeypatch):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    from ftdist.slurm import expand_sweep
+    from ftdist.config import expand_sweep
 
     assert expand_sweep(["seed=1,2", "train.lr=0.1"]) == [["seed=1", "train.lr=0.1"], ["seed=2", "train.lr=0.1"]]
     monkeypatch.delattr(BasicSweeper, "split_arguments")
