@@ -40,6 +40,9 @@ from ftdist.tracking import MetricsWriter, WandbTracker
 
 log = logging.getLogger("ftdist")
 
+# What forward_backward totals for every objective; its other keys are the objective's metrics.
+SHARED_TOTALS = ("loss_sum", "count", "tokens", "slots", "documents", "flops")
+
 
 def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:
     mode = cfg.train.mixed_precision
@@ -192,21 +195,21 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         totals = self.forward_backward(self.step_batches(self.step))
-        tokens = totals.pop("tokens")
+        tokens = totals["tokens"]
         grad_norm, lr = self.optimizer_step()
         self.step += 1
         self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)
         dt = time.perf_counter() - t0
         step_mfu, self.peak_flops = checked_mfu(totals["flops"], dt, self.strategy.world_size, self.peak_flops, self.device)
-        common = ("loss_sum", "count", "slots", "documents", "flops")
+        objective_metrics = {k: v for k, v in totals.items() if k not in SHARED_TOTALS}
         return {
             "step": self.step,
             "loss": totals["loss_sum"] / max(totals["count"], 1.0),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": int(tokens),
-            **{k: v for k, v in totals.items() if k not in common},  # the objective's metrics
+            **objective_metrics,
             "total_tokens": self.total_tokens,
             "documents": int(totals["documents"]),
             "packing_efficiency": tokens / max(totals["slots"], 1.0),
