@@ -102,15 +102,23 @@ def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     return lines
 
 
-def describe_fit(cfg: FtdistConfig, mem: dict) -> tuple[bool, str]:
-    """Whether the per-rank estimate fits the GPU cluster.gpu_mem_gb says a rank has, in one line."""
+def describe_fit(cfg: FtdistConfig, mem: dict, load: dict, fits: tuple[bool, bool]) -> list[str]:
+    """ftdist.plan's verdict (training and loading, GPU per rank and host per node) in lines."""
     total, budget = mem["total_gpu"], cfg.cluster.gpu_mem_gb
-    if total <= budget:
-        return True, f"fits: {total:.2f} GiB per rank of the {budget:g} GiB GPU assumed (cluster.gpu_mem_gb)"
-    return False, (
-        f"WARNING: does not fit: {total:.2f} GiB per rank exceeds the {budget:g} GiB GPU assumed "
-        f"(cluster.gpu_mem_gb) by {total - budget:.2f} GiB; python -m ftdist.plan names the cheapest change that fits"
-    )
+    gpu_ok, cpu_ok = fits
+    then = "; python -m ftdist.plan names the cheapest change that fits"
+    if total > budget:
+        lines = [f"WARNING: does not fit: {total:.2f} GiB per rank exceeds the {budget:g} GiB GPU assumed "
+                 f"(cluster.gpu_mem_gb) by {total - budget:.2f} GiB" + then]
+    elif not gpu_ok:
+        lines = [f"WARNING: does not fit: loading peaks at {load['gpu'] / GIB:.2f} GiB per rank, over the {budget:g} "
+                 f"GiB GPU assumed (cluster.gpu_mem_gb), before the model is sharded" + then]
+    else:
+        lines = [f"fits: {total:.2f} GiB per rank of the {budget:g} GiB GPU assumed (cluster.gpu_mem_gb)"]
+    if not cpu_ok:
+        lines.append(f"WARNING: does not fit in host memory: more than the {cfg.cluster.cpu_mem_gb:g} GiB per node "
+                     "assumed (cluster.cpu_mem_gb), while loading or for offloaded state" + then)
+    return lines
 
 
 def sharding_lines(cfg: FtdistConfig, planned: dict, census: Census) -> list[str]:
@@ -133,8 +141,9 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     lines.append(describe_batch(cfg, world))
     lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(sharding_lines(cfg, planned, census)))
     lines += describe_memory(sized, mem, world)
-    fits_gpu, fit_line = describe_fit(cfg, mem)
-    lines.append(fit_line)
+    load = plan.loading(sized, m, planned)
+    fits_gpu, fits_cpu = plan.fits(sized, planned, load)
+    lines += describe_fit(cfg, mem, load, (fits_gpu, fits_cpu))
     lines.append(
         f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
         "train.mixed_precision=none; python -m ftdist.plan says whether a cluster fits and what to change"
@@ -154,5 +163,6 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
         "memory_gib": mem,
         "gpu_mem_gb": cfg.cluster.gpu_mem_gb,
         "fits_gpu": fits_gpu,
+        "fits_cpu": fits_cpu,
         "report": report,
     }

@@ -250,3 +250,19 @@ def test_plan_and_dry_run_print_the_same_per_rank_memory(monkeypatch, capsys):
     assert dry_printed == plan_printed
     assert {part: dry["memory_gib"][part] for part in parts} == planned["breakdown_gb"]
     assert dry["memory_gib"]["total_gpu"] == planned["per_gpu_gb"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+experiment=llama8b_lora_fsdp"],  # fits
+        ["+experiment=llama8b_lora_fsdp", "cluster.gpu_mem_gb=8"],  # training over the GPU
+        ["+experiment=llama8b_lora_fsdp", "cluster.cpu_mem_gb=8"],  # rank 0 loads 15 GiB on the host
+    ],
+)
+def test_dry_run_gives_the_planners_verdict(overrides, capsys):
+    dry = dry_run(compose_dry_run(overrides), world_size=WORLD)
+    planned = main([*overrides, f"cluster.gpus_per_node={WORLD}"])
+    capsys.readouterr()
+    assert (dry["fits_gpu"], dry["fits_cpu"]) == (planned["fits_gpu"], planned["fits_cpu"])
+    assert ("WARNING" in dry["report"]) == (not planned["fits"])
