@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from helpers import random_examples
 
-from ftdist.config import ConfigError, DataConfig, FtdistConfig, ModelConfig, ObjectiveConfig, TinyModelSpec, TrainConfig
+from ftdist.config import (
+    ConfigError,
+    DataConfig,
+    FtdistConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TinyModelSpec,
+    TrainConfig,
+)
 from ftdist.constants import IGNORE_INDEX
 from ftdist.model.loading import load_model
 from ftdist.objectives import OBJECTIVES, check_objective, register_objective
