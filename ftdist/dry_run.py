@@ -15,7 +15,6 @@ import os
 
 from ftdist import plan
 from ftdist.config import FtdistConfig
-from ftdist.constants import GIB
 from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, model_state
 from ftdist.parallel import strategy_class
 
@@ -54,12 +53,9 @@ def resolve_world_size(cfg: FtdistConfig, world_size: int | None = None) -> tupl
     return plan.world_size(sized), why
 
 
-def memory_gib(mem: dict) -> dict[str, float]:
-    """ftdist.plan.memory's GPU parts in GiB, their total as the plan totals them, and the CPU."""
-    gib = {part: value / GIB for part, value in mem["gpu"].items()}
-    gib["total_gpu"] = sum(mem["gpu"].values()) / GIB
-    gib["cpu"] = mem["cpu"] / GIB
-    return gib
+def memory_gib(planned: dict) -> dict[str, float]:
+    """The plan's GPU parts per rank in GiB, their total, and the CPU (offloaded state)."""
+    return {**planned["breakdown_gb"], "total_gpu": planned["per_gpu_gb"], "cpu": planned["cpu_per_rank_gb"]}
 
 
 def describe_model(cfg: FtdistConfig, config, c: Census) -> list[str]:
@@ -102,27 +98,26 @@ def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     return lines
 
 
-def describe_fit(cfg: FtdistConfig, mem: dict, load: dict, fits: tuple[bool, bool]) -> list[str]:
+def describe_fit(cfg: FtdistConfig, planned: dict) -> list[str]:
     """ftdist.plan's verdict (training and loading, GPU per rank and host per node) in lines."""
-    total, budget = mem["total_gpu"], cfg.cluster.gpu_mem_gb
-    gpu_ok, cpu_ok = fits
+    total, budget = planned["per_gpu_gb"], cfg.cluster.gpu_mem_gb
     then = "; python -m ftdist.plan names the cheapest change that fits"
     if total > budget:
         lines = [f"WARNING: does not fit: {total:.2f} GiB per rank exceeds the {budget:g} GiB GPU assumed "
                  f"(cluster.gpu_mem_gb) by {total - budget:.2f} GiB" + then]
-    elif not gpu_ok:
-        lines = [f"WARNING: does not fit: loading peaks at {load['gpu'] / GIB:.2f} GiB per rank, over the {budget:g} "
+    elif not planned["fits_gpu"]:
+        lines = [f"WARNING: does not fit: loading peaks at {planned['loading']['gpu_gb']:.2f} GiB per rank, over the {budget:g} "
                  f"GiB GPU assumed (cluster.gpu_mem_gb), before the model is sharded" + then]
     else:
         lines = [f"fits: {total:.2f} GiB per rank of the {budget:g} GiB GPU assumed (cluster.gpu_mem_gb)"]
-    if not cpu_ok:
+    if not planned["fits_cpu"]:
         lines.append(f"WARNING: does not fit in host memory: more than the {cfg.cluster.cpu_mem_gb:g} GiB per node "
                      "assumed (cluster.cpu_mem_gb), while loading or for offloaded state" + then)
     return lines
 
 
 def sharding_lines(cfg: FtdistConfig, planned: dict, census: Census) -> list[str]:
-    lines = list(planned["layout"].notes)
+    lines = list(planned["layout"])
     units = strategy_class(cfg.strategy).units(census.num_layers)
     if units:
         lines.insert(0, f"{units} units ({census.num_layers} decoder layers + the root: embeddings, final norm, "
@@ -134,16 +129,14 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
     """Print the report (rank 0 only, if launched under torchrun) and return its numbers."""
     sized, world_note = launch_config(cfg, world_size)
     m = model_state(sized)
-    planned = plan.memory(sized, m)
-    world, census, mem = planned["world"], m.census, memory_gib(planned)
+    planned = plan.make_plan(sized, m)
+    world, census, mem = planned["world_size"], m.census, memory_gib(planned)
     lines = [f"ftdist dry run: {cfg.experiment_name} (meta device: no weights loaded, nothing launched)"]
     lines += describe_model(cfg, m.config, census)
     lines.append(describe_batch(cfg, world))
     lines.append(f"sharding ({cfg.strategy.name}): " + "; ".join(sharding_lines(cfg, planned, census)))
     lines += describe_memory(sized, mem, world)
-    load = plan.loading(sized, m, planned)
-    fits_gpu, fits_cpu = plan.fits(sized, planned, load)
-    lines += describe_fit(cfg, mem, load, (fits_gpu, fits_cpu))
+    lines += describe_fit(cfg, planned)
     lines.append(
         f"assumptions: world size {world} ({world_note}); bf16 compute on GPU unless model.dtype=fp32 and "
         "train.mixed_precision=none; python -m ftdist.plan says whether a cluster fits and what to change"
@@ -162,7 +155,7 @@ def dry_run(cfg: FtdistConfig, world_size: int | None = None) -> dict:
         "fsdp_units": strategy_class(cfg.strategy).units(census.num_layers),
         "memory_gib": mem,
         "gpu_mem_gb": cfg.cluster.gpu_mem_gb,
-        "fits_gpu": fits_gpu,
-        "fits_cpu": fits_cpu,
+        "fits_gpu": planned["fits_gpu"],
+        "fits_cpu": planned["fits_cpu"],
         "report": report,
     }
