@@ -21,7 +21,7 @@ import copy
 import json
 import sys
 
-from ftdist.config import ConfigError, FtdistConfig
+from ftdist.config import ConfigError, FtdistConfig, compose, load_config
 from ftdist.constants import EXIT_BAD_INPUT, GIB
 from ftdist.model_memory import ModelState, activation_bytes, model_state
 from ftdist.parallel import strategy_class
@@ -310,8 +310,6 @@ def predicted_model_state(
 
 def compose_plan_config(overrides: list[str]) -> FtdistConfig:
     """The typed config of `overrides`, without data (data.path may be unset) or a run directory."""
-    from ftdist.config import compose, load_config
-
     dcfg = compose([*overrides, "output_dir=/nonexistent/plan"])  # Hydra's errors: one-line ConfigErrors
     dcfg.dry_run = True  # sizing only: load_config then needs no data.path and no installed backend
     return load_config(dcfg)

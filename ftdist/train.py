@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from ftdist.config import (
     CONF_DIR,
     ConfigError,
-    check_override_keys,
     check_packages_import,
     command_line_runs,
     compose,
@@ -274,14 +273,14 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # not Hydra's syntax: hydra.main prints its usage
         return
-    check_override_keys(args.overrides)  # even where Hydra answers a question below
+    runs = command_line_runs(args.overrides, args.multirun)  # keys checked even where Hydra answers below
     asks_hydra = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
                   args.config_name, args.config_dir, args.experimental_rerun)
     if any(asks_hydra):  # another primary config, or Hydra answering a question: Hydra's to check
         return
     from ftdist.objectives import check_objective
 
-    for overrides in command_line_runs(args.overrides, args.multirun):
+    for overrides in runs:
         check_objective(load_config(compose(overrides)))
 
 
