@@ -150,7 +150,7 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
 
     tokenizer = load_tokenizer(cfg.model)
     objective = build_objective(cfg, tokenizer)
-    train_examples, val_examples, report = objective.prepare_data(cfg.data, tokenizer, cfg.seed)
+    train_examples, val_examples, report = objective.prepare_data(tokenizer)
     run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
     if resume_from is None:
         write_run_files()

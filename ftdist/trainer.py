@@ -76,8 +76,8 @@ class Trainer:
         t = cfg.train
         # Items are what the sampler orders and a micro-batch holds: single examples, or packed
         # rows of several. Each item is a list of example indices.
-        self.train_items = self.make_items(train_examples)
-        self.val_items = self.make_items(val_examples)
+        self.train_items = self.objective.make_items(train_examples)
+        self.val_items = self.objective.make_items(val_examples)
         self.global_batch_size = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
         self.sampler = GlobalBatchSampler(len(self.train_items), self.global_batch_size, cfg.seed)
         self.total_steps = (
@@ -112,9 +112,6 @@ class Trainer:
         self.carried: dict = {}  # summary figures of earlier invocations (restore_checkpoint_state)
 
     # --- training ---------------------------------------------------------------------------
-
-    def make_items(self, examples: list) -> list[list[int]]:
-        return self.objective.make_items(examples)
 
     def collate_items(self, examples: list, items: list[list[int]]) -> MicroBatch:
         return self.objective.collate(examples, items)

@@ -80,8 +80,8 @@ class Objective(Protocol):
     # rank that evaluates no batch.
     sum_keys: tuple[str, ...]
 
-    def prepare_data(self, data, tokenizer, seed: int) -> tuple[list, list, Any]:
-        """(train examples, validation examples, report with to_dict()) from `data.*`."""
+    def prepare_data(self, tokenizer) -> tuple[list, list, Any]:
+        """(train examples, validation examples, report with to_dict()) from the run's `data.*`."""
         ...
 
     def make_items(self, examples: list) -> list[list[int]]:

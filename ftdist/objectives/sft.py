@@ -43,8 +43,8 @@ class SFTObjective:
 
     # --- data -----------------------------------------------------------------------------
 
-    def prepare_data(self, data, tokenizer, seed: int):
-        return prepare_data(data, tokenizer, seed)
+    def prepare_data(self, tokenizer):
+        return prepare_data(self.cfg.data, tokenizer, self.cfg.seed)
 
     def make_items(self, examples: list[Example]) -> list[list[int]]:
         d = self.cfg.data
