@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -65,7 +66,8 @@ class DataFields:
     prompt: str = "prompt"
     response: str = "response"
     input: str | None = None  # optional context appended to the prompt (instruction)
-    messages: str = "messages"  # chat: list of {role, content}
+    messages: str = "messages"  # chat: list of messages (role, content, tool_calls, reasoning_content)
+    tools: str | None = "tools"  # chat: the row's tool list (JSON-schema function specs), handed to the template
     text: str = "text"  # text: plain causal LM
 
 
@@ -81,6 +83,17 @@ class DataConfig:
     max_val_examples: int | None = None  # cap on held-out rows (keeps evaluation cheap)
     max_seq_len: int = MISSING
     template: str = "auto"  # auto (chat template if the tokenizer has one) | chat | plain
+    # A Jinja chat template file that replaces the tokenizer's for this run (saved with final/).
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    # How a conversation becomes examples: whole (rendered once, every assistant turn labelled),
+    # per_turn (one example per assistant turn, its context as at inference), last (the final
+    # turn only), auto (whole where the template renders the conversation as the extension of
+    # its turns, per_turn for the rows where it does not).
+    turns: str = "auto"
+    train_on_reasoning: bool = True  # reasoning (reasoning_content, <think>...</think>) carries the loss
+    reasoning_tags: list[str] = field(default_factory=lambda: ["<think>", "</think>"])  # open, close
+    system_prompt: str | None = None  # a system message for rows that have none (chat template only)
     train_on_prompt: bool = False
     on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported)
     num_synthetic_rows: int = 4000  # rows generated for synthetic:NAME sources
@@ -315,6 +328,7 @@ CHOICES = {
     "model.attn_implementation": ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
     "data.format": ("instruction", "chat", "text"),
     "data.template": ("auto", "chat", "plain"),
+    "data.turns": ("auto", "whole", "per_turn", "last"),
     "data.on_bad_row": ("error", "skip"),
     "strategy.name": ("single", "ddp", "fsdp", "deepspeed"),
     "strategy.backend": ("auto", "gloo", "nccl"),
@@ -393,6 +407,10 @@ def validate(cfg: FtdistConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1) (got {d.val_fraction})")
     if d.max_val_examples is not None and d.max_val_examples <= 0:
         raise ConfigError(f"data.max_val_examples must be > 0 or null (got {d.max_val_examples})")
+    if len(d.reasoning_tags) != 2 or not all(isinstance(t, str) and t.strip() for t in d.reasoning_tags):
+        raise ConfigError(f"data.reasoning_tags must be two non-empty strings, open and close (got {list(d.reasoning_tags)})")
+    if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
+        raise ConfigError(f"data.chat_template={d.chat_template}: file not found (working directory: {os.getcwd()})")
     m = cfg.model
     if m.tiny is None and not m.name_or_path:
         raise ConfigError("model.name_or_path must be set (a local path or hub name), or use model=tiny")

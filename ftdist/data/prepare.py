@@ -1,8 +1,10 @@
 """From `data.*` config to tokenized train and validation examples, with a full account.
 
-Every row read ends in exactly one place: an example of its split, a bad row of a named kind,
-or `dropped_no_labels` (nothing left to learn after truncation). `DataReport` holds those
-counts, so for each split `rows == sum(bad_rows) + dropped_no_labels + examples`.
+Every row read ends in exactly one place: examples of its split, a bad row of a named kind, or
+`dropped_no_labels` (nothing left to learn after truncation). A chat row trained per turn gives
+one example per assistant turn (`turn_examples` counts those beyond the first), each kept or
+dropped on its own. `DataReport` holds those counts, so for each split
+`rows + turn_examples == sum(bad_rows) + dropped_no_labels + examples`.
 
 The hold-out split is chosen over rows, by row index, from (number of rows, seed) alone: every
 rank computes the same split, and changing the tokenizer or max_seq_len cannot move a row
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
-from ftdist.data.formats import Example, RowEncoder
+from ftdist.data.formats import Encoded, Example, RowEncoder
 from ftdist.data.sources import BadRow, DataError, Row, check_data_source, read_rows
 
 __all__ = ["DataError", "DataReport", "Example", "check_data_source", "prepare_data"]
@@ -40,6 +42,14 @@ class DataReport:
     val_truncated: int = 0
     dropped_no_labels: int = 0  # train examples with no label left after truncation
     val_dropped_no_labels: int = 0
+    # Chat rows by how data.turns applied to them: whole | per_turn | last -> rows (train split).
+    turns: dict[str, int] = field(default_factory=dict)
+    val_turns: dict[str, int] = field(default_factory=dict)
+    turn_examples: int = 0  # examples beyond one per row, made by per_turn
+    val_turn_examples: int = 0
+    # Trained assistant turns with reasoning, and those whose reasoning the template left out.
+    reasoning_turns: int = 0
+    reasoning_not_rendered: int = 0
     train_examples: int = 0
     val_examples: int = 0
     train_tokens: int = 0
@@ -51,9 +61,10 @@ class DataReport:
         return asdict(self)
 
 
-_Dropped = object()  # outcome of a row whose example lost every label to truncation
-# Per row: (example, was_truncated), the BadRow it raised (skip mode), or _Dropped.
-_Outcome = tuple[Example, bool] | BadRow | object
+_Dropped = object()  # an example that lost every label to truncation
+# Per row: the BadRow it raised (skip mode), or its encoding with each example truncated:
+# (example, was_truncated) or _Dropped.
+_Outcome = BadRow | tuple[Encoded, list]
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataReport]:
@@ -104,7 +115,7 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataRepo
     try:
         if row.problem is not None:
             raise row.problem
-        example = encoder(row.value)
+        encoded = encoder(row.value)
     except BadRow as bad:
         if cfg.on_bad_row == "error":
             raise DataError(f"{row.location}: {bad}; data.on_bad_row=skip drops and counts such rows") from None
@@ -112,10 +123,10 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataRepo
         return bad
     except DataError as e:
         raise DataError(f"{row.location}: {e}") from None
-    return _truncate(example, cfg.max_seq_len)
+    return encoded, [_truncate(e, cfg.max_seq_len) for e in encoded.examples]
 
 
-def _truncate(example: Example, max_len: int) -> _Outcome:
+def _truncate(example: Example, max_len: int):
     """Keep the head; an example left with nothing to learn is dropped (and counted)."""
     truncated = len(example.input_ids) > max_len
     if truncated:
@@ -129,14 +140,24 @@ def _truncate(example: Example, max_len: int) -> _Outcome:
 def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Example]:
     examples: list[Example] = []
     bad_rows = report.val_bad_rows if prefix else report.bad_rows
-    counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0}
+    turns = report.val_turns if prefix else report.turns
+    counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0, "turn_examples": 0}
     for outcome in outcomes:
         if isinstance(outcome, BadRow):
             bad_rows[outcome.kind] = bad_rows.get(outcome.kind, 0) + 1
-        elif outcome is _Dropped:
-            counts["dropped_no_labels"] += 1
-        else:
-            example, truncated = outcome
+            continue
+        encoded, kept = outcome
+        counts["turn_examples"] += len(kept) - 1
+        if encoded.turns is not None:
+            turns[encoded.turns] = turns.get(encoded.turns, 0) + 1
+        if not prefix:
+            report.reasoning_turns += encoded.reasoning_turns
+            report.reasoning_not_rendered += encoded.reasoning_not_rendered
+        for result in kept:
+            if result is _Dropped:
+                counts["dropped_no_labels"] += 1
+                continue
+            example, truncated = result
             examples.append(example)
             counts["truncated"] += truncated
             counts["tokens"] += len(example.input_ids)
@@ -146,12 +167,18 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
     setattr(report, f"{split}_examples", len(examples))
     setattr(report, f"{split}_tokens", counts["tokens"])
     setattr(report, f"{split}_label_tokens", counts["label_tokens"])
-    setattr(report, f"{prefix}truncated", counts["truncated"])
-    setattr(report, f"{prefix}dropped_no_labels", counts["dropped_no_labels"])
+    for key in ("truncated", "dropped_no_labels", "turn_examples"):
+        setattr(report, f"{prefix}{key}", counts[key])
     return examples
 
 
 def _warn_bad_rows(report: DataReport, max_seq_len: int) -> None:
+    if report.reasoning_not_rendered:
+        log.warning(
+            "the chat template left out the reasoning of %d of %d trained assistant turns that have some "
+            "(it does not render reasoning_content or <think> blocks): those turns train on their answers only",
+            report.reasoning_not_rendered, report.reasoning_turns,
+        )
     for name, counts in (("train", report.bad_rows), ("validation", report.val_bad_rows)):
         if counts:
             log.warning(

@@ -11,7 +11,7 @@ import pytest
 
 from ftdist.config import DataConfig, DataFields
 from ftdist.constants import IGNORE_INDEX as IGNORE
-from ftdist.data.formats import PLAIN_PROMPT, RowEncoder
+from ftdist.data.formats import PLAIN_PROMPT, Example, RowEncoder
 from ftdist.data.sources import BadRow, DataError
 
 PROMPT = "Extract the city: Ana lives in Lisbon."
@@ -25,6 +25,13 @@ def make_cfg(**kw) -> DataConfig:
 
 def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_one(encoder: RowEncoder, row) -> Example:
+    """The row's only example (each row here makes one)."""
+    encoded = encoder(row)
+    assert len(encoded.examples) == 1
+    return encoded.examples[0]
 
 
 def segments(tok, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
@@ -43,7 +50,7 @@ def segments(tok, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
 
 def test_instruction_with_chat_template_labels_exactly_the_response(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = RowEncoder(make_cfg(), tok)({"prompt": PROMPT, "response": RESPONSE})
+    ex = encode_one(RowEncoder(make_cfg(), tok), {"prompt": PROMPT, "response": RESPONSE})
     prompt_text = f"<|bos|><|user|>{PROMPT}<|end|><|assistant|>"
     n_prompt = len(ids(tok, prompt_text))
     assert ex.input_ids == ids(tok, prompt_text + RESPONSE + "<|end|>")
@@ -56,7 +63,7 @@ def test_instruction_with_chat_template_labels_exactly_the_response(tiny_tokeniz
 
 def test_instruction_plain_template_without_chat_template(plain_tokenizer):
     tok = plain_tokenizer
-    ex = RowEncoder(make_cfg(), tok)({"prompt": PROMPT, "response": RESPONSE})
+    ex = encode_one(RowEncoder(make_cfg(), tok), {"prompt": PROMPT, "response": RESPONSE})
     prompt_ids = [tok.bos_token_id] + ids(tok, f"### Instruction:\n{PROMPT}\n\n### Response:\n")
     n_prompt = len(prompt_ids)
     assert ex.input_ids[:n_prompt] == prompt_ids
@@ -68,7 +75,7 @@ def test_instruction_plain_template_without_chat_template(plain_tokenizer):
 
 
 def test_template_plain_overrides_a_chat_template(tiny_tokenizer):
-    ex = RowEncoder(make_cfg(template="plain"), tiny_tokenizer)({"prompt": PROMPT, "response": RESPONSE})
+    ex = encode_one(RowEncoder(make_cfg(template="plain"), tiny_tokenizer), {"prompt": PROMPT, "response": RESPONSE})
     assert tiny_tokenizer.decode(ex.prompt_ids) == "<|bos|>" + PLAIN_PROMPT.format(prompt=PROMPT)
 
 
@@ -78,19 +85,19 @@ def test_instruction_input_field_is_appended_when_present(tiny_tokenizer, contex
     row = {"prompt": PROMPT, "response": RESPONSE}
     if context != "MISSING":
         row["context"] = context
-    ex = RowEncoder(make_cfg(fields=DataFields(input="context")), tiny_tokenizer)(row)
+    ex = encode_one(RowEncoder(make_cfg(fields=DataFields(input="context")), tiny_tokenizer), row)
     assert ex.prompt_ids == ids(tiny_tokenizer, f"<|bos|><|user|>{PROMPT}{expected}<|end|><|assistant|>")
 
 
 def test_instruction_uses_configured_field_names(tiny_tokenizer):
     cfg = make_cfg(fields=DataFields(prompt="question", response="answer"))
-    ex = RowEncoder(cfg, tiny_tokenizer)({"question": PROMPT, "answer": RESPONSE})
+    ex = encode_one(RowEncoder(cfg, tiny_tokenizer), {"question": PROMPT, "answer": RESPONSE})
     assert ex.reference == RESPONSE
 
 
 @pytest.mark.parametrize("template", ["auto", "plain"])
 def test_train_on_prompt_labels_every_instruction_token(tiny_tokenizer, template):
-    ex = RowEncoder(make_cfg(template=template, train_on_prompt=True), tiny_tokenizer)(
+    ex = encode_one(RowEncoder(make_cfg(template=template, train_on_prompt=True), tiny_tokenizer), 
         {"prompt": PROMPT, "response": RESPONSE})
     assert ex.labels == ex.input_ids
     assert ex.prompt_ids == ex.input_ids[: len(ex.prompt_ids)]
@@ -114,7 +121,7 @@ CONVERSATION = [
 
 def test_chat_labels_every_assistant_turn_and_nothing_else(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = RowEncoder(make_cfg(format="chat"), tok)({"messages": CONVERSATION})
+    ex = encode_one(RowEncoder(make_cfg(format="chat"), tok), {"messages": CONVERSATION})
     expected_ids, expected_labels = segments(tok, [
         ("<|bos|><|system|>Answer briefly.<|end|><|user|>Capital of Peru?<|end|><|assistant|>", False),
         ("Lima.<|end|>", True),
@@ -131,14 +138,14 @@ def test_chat_labels_every_assistant_turn_and_nothing_else(tiny_tokenizer):
 
 
 def test_chat_train_on_prompt_labels_everything(tiny_tokenizer):
-    ex = RowEncoder(make_cfg(format="chat", train_on_prompt=True), tiny_tokenizer)({"messages": CONVERSATION})
+    ex = encode_one(RowEncoder(make_cfg(format="chat", train_on_prompt=True), tiny_tokenizer), {"messages": CONVERSATION})
     assert ex.labels == ex.input_ids
 
 
 def test_chat_extra_message_keys_do_not_change_the_rendering(tiny_tokenizer):
     encoder = RowEncoder(make_cfg(format="chat"), tiny_tokenizer)
     extra = [dict(m, name="x", weight=1) for m in CONVERSATION]
-    assert encoder({"messages": extra}) == encoder({"messages": CONVERSATION})
+    assert encode_one(encoder, {"messages": extra}) == encode_one(encoder, {"messages": CONVERSATION})
 
 
 def test_chat_format_needs_a_chat_template(plain_tokenizer):
@@ -154,16 +161,16 @@ def test_template_that_breaks_the_prefix_property_is_an_error(plain_tokenizer):
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     encoder = RowEncoder(make_cfg(format="chat"), tok)
-    with pytest.raises(DataError, match="breaks the prefix property at assistant message 3"):
-        encoder({"messages": CONVERSATION})
+    with pytest.raises(DataError, match="starts assistant message 3 differently at inference"):
+        encode_one(encoder, {"messages": CONVERSATION})
     # With every token labelled no mask is needed, so the same template is usable.
-    RowEncoder(make_cfg(format="chat", train_on_prompt=True), tok)({"messages": CONVERSATION})
+    encode_one(RowEncoder(make_cfg(format="chat", train_on_prompt=True), tok), {"messages": CONVERSATION})
 
 
 def test_template_exception_is_a_bad_row(plain_tokenizer):
     plain_tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(BadRow, match="roles must alternate") as info:
-        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+        encode_one(RowEncoder(make_cfg(format="chat"), plain_tokenizer), {"messages": CONVERSATION})
     assert info.value.kind == "template_error"
 
 
@@ -172,7 +179,7 @@ def test_template_exception_is_a_bad_row(plain_tokenizer):
 
 def test_text_is_bos_text_eos_all_labelled(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = RowEncoder(make_cfg(format="text"), tok)({"text": "The quick brown fox."})
+    ex = encode_one(RowEncoder(make_cfg(format="text"), tok), {"text": "The quick brown fox."})
     assert ex.input_ids == [tok.bos_token_id] + ids(tok, "The quick brown fox.") + [tok.eos_token_id]
     assert ex.labels == ex.input_ids
     assert ex.prompt_ids is None and ex.reference is None
@@ -194,7 +201,7 @@ BAD_ROWS = [
     ("chat", {"messages": []}, "no_assistant_turn", "no assistant turn"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}]}, "no_assistant_turn", "no assistant turn"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
-     "empty_response", "message 2) is empty"),
+     "empty_response", "assistant message 2 has no content and no tool calls"),
     ("chat", {"messages": [{"role": "user"}]}, "bad_message", "message 1 has no 'content'"),
     ("chat", {"messages": [{"content": "x"}]}, "bad_message", "message 1 has no 'role'"),
     ("chat", {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]},
@@ -207,7 +214,7 @@ BAD_ROWS = [
 @pytest.mark.parametrize("fmt, row, kind, detail", BAD_ROWS)
 def test_malformed_rows_raise_bad_row_of_a_named_kind(tiny_tokenizer, fmt, row, kind, detail):
     with pytest.raises(BadRow) as info:
-        RowEncoder(make_cfg(format=fmt), tiny_tokenizer)(row)
+        encode_one(RowEncoder(make_cfg(format=fmt), tiny_tokenizer), row)
     assert info.value.kind == kind
     assert detail in info.value.detail
 
@@ -215,7 +222,7 @@ def test_malformed_rows_raise_bad_row_of_a_named_kind(tiny_tokenizer, fmt, row, 
 def test_optional_input_of_wrong_type_is_a_bad_row(tiny_tokenizer):
     encoder = RowEncoder(make_cfg(fields=DataFields(input="context")), tiny_tokenizer)
     with pytest.raises(BadRow, match="field 'context' must be a string, got number"):
-        encoder({"prompt": "p", "response": "r", "context": 1})
+        encode_one(encoder, {"prompt": "p", "response": "r", "context": 1})
 
 
 def test_template_error_that_is_not_the_templates_own_propagates(plain_tokenizer):
@@ -223,7 +230,7 @@ def test_template_error_that_is_not_the_templates_own_propagates(plain_tokenizer
     # rejecting the row on purpose: a bug to fix, not a bad row to count.
     plain_tokenizer.chat_template = "{{ nothing.here }}"
     with pytest.raises(Exception) as info:
-        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+        encode_one(RowEncoder(make_cfg(format="chat"), plain_tokenizer), {"messages": CONVERSATION})
     assert not isinstance(info.value, (BadRow, DataError))
     assert type(info.value).__name__ == "UndefinedError"
 
@@ -231,10 +238,10 @@ def test_template_error_that_is_not_the_templates_own_propagates(plain_tokenizer
 def test_any_other_exception_while_rendering_propagates(plain_tokenizer):
     plain_tokenizer.chat_template = "{{ messages[0]['content'] + 1 }}"  # str + int: a TypeError
     with pytest.raises(TypeError):
-        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+        encode_one(RowEncoder(make_cfg(format="chat"), plain_tokenizer), {"messages": CONVERSATION})
 
 
 def test_template_that_does_not_compile_is_a_data_error_not_a_bad_row(plain_tokenizer):
     plain_tokenizer.chat_template = "{% for m in messages %}{{ m.content }}"  # no endfor
     with pytest.raises(DataError, match="chat template does not compile"):
-        RowEncoder(make_cfg(format="chat"), plain_tokenizer)({"messages": CONVERSATION})
+        encode_one(RowEncoder(make_cfg(format="chat"), plain_tokenizer), {"messages": CONVERSATION})

@@ -34,8 +34,10 @@ def make_cfg(path: str, **kw) -> DataConfig:
 def assert_accounted(report) -> None:
     """Every row is an example, a counted bad row, or a counted no-label drop."""
     d = report.to_dict()
-    assert d["train_rows"] == sum(d["bad_rows"].values()) + d["dropped_no_labels"] + d["train_examples"]
-    assert d["val_rows"] == sum(d["val_bad_rows"].values()) + d["val_dropped_no_labels"] + d["val_examples"]
+    assert d["train_rows"] + d["turn_examples"] == (
+        sum(d["bad_rows"].values()) + d["dropped_no_labels"] + d["train_examples"])
+    assert d["val_rows"] + d["val_turn_examples"] == (
+        sum(d["val_bad_rows"].values()) + d["val_dropped_no_labels"] + d["val_examples"])
     assert d["rows_read"] == d["train_rows"] + d["val_rows"]
     json.dumps(d)  # JSON-able
 
@@ -102,7 +104,7 @@ def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path, tiny_tokenizer):
 def test_broken_template_error_names_the_row(tmp_path, plain_tokenizer):
     plain_tokenizer.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD["instruction"]])
-    with pytest.raises(DataError, match=r"train\.jsonl:1: the tokenizer's chat template breaks the prefix"):
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the chat template starts assistant message 2 differently"):
         prepare_data(make_cfg(path, on_bad_row="skip"), plain_tokenizer, seed=0)
 
 
@@ -114,7 +116,7 @@ def test_truncation_keeps_the_head_and_counts_drops(tmp_path, tiny_tokenizer, ma
     rows = [{"prompt": "x " * n, "response": "y " * 8} for n in (1, 10, 20, 40)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     cfg = make_cfg(path, max_seq_len=max_len)
-    full = [RowEncoder(cfg, tiny_tokenizer)(r) for r in rows]
+    full = [RowEncoder(cfg, tiny_tokenizer)(r).examples[0] for r in rows]
     train, _, report = prepare_data(cfg, tiny_tokenizer, seed=0)
 
     # Independently: labels start right after the prompt, so an example keeps a label iff its
