@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ftdist.config import EvalConfig
+from ftdist.data.chat import strip_reasoning
 from ftdist.data.prepare import Example
 
 
@@ -65,9 +66,13 @@ def generate_responses(
 
 
 def exact_match(
-    model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy, record_to: Path | None = None
+    model, tokenizer, examples: list[Example], cfg: EvalConfig, strategy, record_to: Path | None = None,
+    reasoning_close: str | None = None,
 ) -> tuple[float, float]:
     """(correct, total) over the first `cfg.exact_match_samples` examples, summed over ranks.
+
+    reasoning_close: where a response opens with reasoning closed by this tag (</think>), only
+    the answer after it is compared with the reference (which never holds reasoning).
 
     record_to: rank 0 writes there one JSON line per evaluated example, in example order:
     `index` (position in `examples`), `prompt`, `reference`, `response` (the generated text) and
@@ -88,7 +93,7 @@ def exact_match(
                 "prompt": tokenizer.decode(e.prompt_ids),
                 "reference": e.reference,
                 "response": t,
-                "match": t.strip() == e.reference.strip(),
+                "match": strip_reasoning(t, reasoning_close).strip() == e.reference.strip(),
             }
             for t, (i, e) in zip(texts, mine)
         ]

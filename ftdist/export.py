@@ -32,6 +32,7 @@ from ftdist.checkpoint import complete_checkpoints
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig, check_known_keys, hydra_error_message
 from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
+from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
 
 log = logging.getLogger("ftdist")
 
@@ -334,7 +335,10 @@ def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], 
 def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str | None = None) -> Path:
     source = resolve_source(source)
     from_final = not (source / "model_optimizer").is_dir()
-    cfg = read_run_config(source.parent if from_final else source.parent.parent)
+    run_dir = source.parent if from_final else source.parent.parent
+    cfg = read_run_config(run_dir)
+    if (run_dir / CHAT_TEMPLATE_FILE).is_file():  # the run's copy: data.chat_template may be relative or gone
+        cfg.data.chat_template = str(run_dir / CHAT_TEMPLATE_FILE)
     if from_final:
         check_final(source, cfg)
     if out.exists() and any(out.iterdir()):
@@ -358,10 +362,11 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
 
 
 def base_and_tokenizer(cfg: FtdistConfig) -> tuple[str, object]:
+    """The base model's path and the tokenizer the run trained with (its data.chat_template included)."""
     from ftdist.model.loading import load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(cfg.model)
-    return model_path, load_tokenizer(cfg.model, model_path)
+    return model_path, use_chat_template_file(load_tokenizer(cfg.model, model_path), cfg.data.chat_template)
 
 
 def _export_full(cfg, source, from_final, out, dtype_name) -> None:

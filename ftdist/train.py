@@ -127,6 +127,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
 
 def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path | None, tracker):
     """Data, model, Trainer.fit() and the run's files, in a run directory this invocation holds."""
+    from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
     from ftdist.model.loading import load_model, load_tokenizer
     from ftdist.objectives import build_objective
     from ftdist.trainer import Trainer, use_bf16
@@ -148,7 +149,9 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
     if resume_from is None:
         write_run_files()  # now, so a run that fails later still says what it was
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = use_chat_template_file(load_tokenizer(cfg.model), cfg.data.chat_template)
+    if cfg.data.chat_template is not None:  # kept with the run, for export from a checkpoint
+        run_files[CHAT_TEMPLATE_FILE] = tokenizer.chat_template
     objective = build_objective(cfg, tokenizer)
     train_examples, val_examples, report = objective.prepare_data(tokenizer)
     run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
@@ -158,6 +161,7 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
 
     with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
         loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+    use_chat_template_file(loaded.tokenizer, cfg.data.chat_template)  # final/ saves the template trained with
     trainer = Trainer(
         cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker, objective
     )

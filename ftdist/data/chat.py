@@ -36,6 +36,7 @@ ROLES = ("system", "user", "assistant", "tool")
 TURNS = ("auto", "whole", "per_turn", "last")
 # Names datasets use for an assistant's reasoning; transformers reads all three the same way.
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a run directory's copy of data.chat_template
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -352,9 +353,9 @@ def _answer(message: dict, close_tag: str) -> str | None:
     return content.strip() or None
 
 
-def strip_reasoning(text: str, close_tag: str) -> str:
+def strip_reasoning(text: str, close_tag: str | None) -> str:
     """A generated response without the reasoning block before its answer."""
-    return text.split(close_tag)[-1] if close_tag in text else text
+    return text.split(close_tag)[-1] if close_tag and close_tag in text else text
 
 
 def show_labels(tokenizer, example: Example, open_mark: str = "[[", close_mark: str = "]]") -> str:

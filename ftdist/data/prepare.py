@@ -90,6 +90,9 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], 
     train = _tally(train_out, report, prefix="")
     val = _tally(val_out, report, prefix="val_")
     report.rows_read = report.train_rows + report.val_rows
+    if report.turns:
+        log.info("chat rows by how data.turns=%s applied: %s (per_turn made %d examples more than rows)",
+                 cfg.turns, report.turns, report.turn_examples)
     _warn_bad_rows(report, cfg.max_seq_len)
     _check_not_empty(report, cfg)
     return train, val, report

@@ -84,7 +84,10 @@ class SFTObjective:
         record = {"eval_loss": loss_sum / max(count, 1.0), "eval_label_tokens": int(count)}
         if with_generation and ctx.cfg.eval.exact_match_samples > 0:
             record_to = ctx.run_dir / "eval" / f"exact_match_step_{ctx.step:08d}.jsonl"
-            correct, total = exact_match(ctx.model, ctx.tokenizer, ctx.examples, ctx.cfg.eval, ctx.strategy, record_to)
+            correct, total = exact_match(
+                ctx.model, ctx.tokenizer, ctx.examples, ctx.cfg.eval, ctx.strategy, record_to,
+                reasoning_close=ctx.cfg.data.reasoning_tags[1],
+            )
             if total:
                 record["exact_match"] = correct / total
                 record["exact_match_n"] = int(total)
