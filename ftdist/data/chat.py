@@ -243,6 +243,7 @@ class ChatEncoder:
             prompt_ids = self.tokenize(self.render(messages[:last], tools, generation_prompt=True))[0]
             return Encoded([Example(ids, list(ids), prompt_ids, reference)], "whole")
         turns = [self._turn(messages, tools, i) for i in (assistant if self.cfg.turns != "last" else [last])]
+        _check_tools_rendered(full, tools, turns, messages)
         extension = [t for t in turns if not full.startswith(t.upto)]
         if self.cfg.turns == "whole" and extension:
             raise BadRow("not_extension", f"the chat template renders this conversation differently from its "
@@ -333,6 +334,23 @@ class ChatEncoder:
             at = body.index(reasoning)
             return start + at, start + at + len(reasoning)
         return None
+
+
+def _check_tools_rendered(full: str, tools: list | None, turns: list[_Turn], messages: list[dict]) -> None:
+    """A template that ignores tools or tool calls would train the model on turns without them."""
+    for t in turns:
+        rendered = t.upto[len(t.before):]
+        for call in messages[t.index].get("tool_calls", []):
+            if call["function"]["name"] not in rendered:
+                raise DataError(
+                    f"the chat template left out the tool call to {call['function']['name']!r} of assistant "
+                    f"message {t.index + 1} (it does not render tool_calls); use a template that does "
+                    "(data.chat_template=PATH)"
+                )
+    for tool in tools or []:
+        if tool["function"]["name"] not in full:
+            raise DataError(f"the chat template left out the row's tool {tool['function']['name']!r} (it does not "
+                            "render the tools list); use a template that does (data.chat_template=PATH)")
 
 
 def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
