@@ -312,3 +312,14 @@ def test_bad_chat_keys_are_config_errors(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(compose(["model=tiny", "data=chat", "data.path=x.jsonl", f"output_dir={tmp_path}",
                              f"{key}={value}"]))
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, plain_tokenizer):
+    cfg = load_config(compose(["model=tiny", "data=chat", "data.path=x.jsonl", f"output_dir={tmp_path}",
+                               "+data.chat_template_kwargs.enable_thinking=false"]))
+    plain_tokenizer.chat_template = (
+        "{{ bos_token }}{% if enable_thinking is defined and not enable_thinking %}<|system|>no thinking<|end|>{% endif %}"
+        + DROPS_EARLIER_REASONING.removeprefix("{{ bos_token }}")
+    )
+    example = RowEncoder(cfg.data, plain_tokenizer)({"messages": TWO_TURNS[:2]}).examples[0]
+    assert plain_tokenizer.decode(example.input_ids).startswith("<|bos|><|system|>no thinking<|end|><|user|>")
