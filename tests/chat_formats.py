@@ -117,7 +117,7 @@ def family_tokenizer(family: str):
     return copy.deepcopy(_cached_family_tokenizer(family))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # an lru_cache without a size limit
 def _cached_family_tokenizer(family: str):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
