@@ -166,3 +166,20 @@ def in_process_trainer(tmp_path, model, tokenizer, examples, packing: bool, micr
         output_dir=str(tmp_path),
     )
     return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:5], tmp_path)
+
+
+def token_ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def segments(tok, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Expected (input_ids, labels) from (text, labelled) pieces, each tokenized apart: where a
+    special token or a tag delimits every piece boundary, that equals tokenizing the whole."""
+    from ftdist.constants import IGNORE_INDEX
+
+    input_ids, labels = [], []
+    for text, labelled in parts:
+        piece = token_ids(tok, text)
+        input_ids += piece
+        labels += piece if labelled else [IGNORE_INDEX] * len(piece)
+    return input_ids, labels

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import segments
+from helpers import token_ids as ids
 
 from ftdist.config import ConfigError, DataConfig, compose, load_config
-from ftdist.constants import IGNORE_INDEX as IGNORE
 from ftdist.data.chat import show_labels
 from ftdist.data.formats import RowEncoder
 from ftdist.data.prepare import prepare_data
@@ -70,19 +71,6 @@ def make_cfg(**kw) -> DataConfig:
     kw.setdefault("format", "chat")
     kw.setdefault("path", "unused.jsonl")
     return DataConfig(**kw)
-
-
-def ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def segments(tok, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    input_ids, labels = [], []
-    for text, labelled in parts:
-        piece = ids(tok, text)
-        input_ids += piece
-        labels += piece if labelled else [IGNORE] * len(piece)
-    return input_ids, labels
 
 
 def assert_example(tok, example, parts) -> None:

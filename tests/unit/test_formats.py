@@ -8,6 +8,8 @@ the encoder's template rendering or its prefix-based masking cannot cancel out.
 from __future__ import annotations
 
 import pytest
+from helpers import segments
+from helpers import token_ids as ids
 
 from ftdist.config import DataConfig, DataFields
 from ftdist.constants import IGNORE_INDEX as IGNORE
@@ -23,26 +25,11 @@ def make_cfg(**kw) -> DataConfig:
     return DataConfig(path="unused.jsonl", **kw)
 
 
-def ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_one(encoder: RowEncoder, row) -> Example:
     """The row's only example (each row here makes one)."""
     encoded = encoder(row)
     assert len(encoded.examples) == 1
     return encoded.examples[0]
-
-
-def segments(tok, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """Expected (input_ids, labels) from (text, labelled) pieces. Special tokens delimit every
-    piece boundary below, so tokenizing pieces apart equals tokenizing the whole."""
-    input_ids, labels = [], []
-    for text, labelled in parts:
-        piece = ids(tok, text)
-        input_ids += piece
-        labels += piece if labelled else [IGNORE] * len(piece)
-    return input_ids, labels
 
 
 # --- instruction ----------------------------------------------------------------------------
