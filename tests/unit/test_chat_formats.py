@@ -34,6 +34,7 @@ from chat_formats import (
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.chat import show_labels
+from ftdist.data.example import Example
 from ftdist.data.formats import RowEncoder
 from ftdist.data.sources import BadRow, DataError
 
@@ -258,6 +259,9 @@ def test_qwen3_reasoning_is_labelled_only_with_train_on_reasoning(sample, turns)
     assert unlabelled_texts(tok, off.examples[0])[-2:] == [
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n" + THINK_4, "\n"]
     assert unlabelled_texts(tok, off.examples[1])[-2].endswith("And 3+3?<|im_end|>\n<|im_start|>assistant\n" + THINK_6)
+    # The second turn's context is the inference one: Qwen3 drops the first turn's reasoning.
+    assert "<|im_start|>assistant\n4.<|im_end|>" in tok.decode(on.examples[1].input_ids)
+    assert "Two and two" not in tok.decode(on.examples[1].input_ids)
     assert (on.reasoning_turns, on.reasoning_not_rendered) == (off.reasoning_turns, off.reasoning_not_rendered) == (2, 0)
 
 
@@ -335,13 +339,6 @@ def with_training_template(trl_sft, family, published):
     return tok
 
 
-class Labelled:
-    """Stand-in for an Example built from TRL's output."""
-
-    def __init__(self, input_ids, labels):
-        self.input_ids, self.labels = input_ids, labels
-
-
 WHOLE_ROWS = ["multi_turn", "reasoning_field", "reasoning_inline"]
 
 
@@ -357,7 +354,7 @@ def test_qwen2_5_trl_labels_also_the_newline_before_and_after_each_turn(trl_sft,
     # the "\n" it never generates (it stops at <|im_end|>). ftdist trains neither. Everything
     # else is labelled identically.
     ours_runs = labelled_texts(tok, ours)
-    assert labelled_texts(tok, Labelled(ids, labels)) == ["\n" + text + "\n" for text in ours_runs]
+    assert labelled_texts(tok, Example(ids, labels)) == ["\n" + text + "\n" for text in ours_runs]
     differ = [i for i, (a, b) in enumerate(zip(labels, ours.labels)) if a != b]
     assert [tok.decode([ids[i]]) for i in differ] == ["\n"] * (2 * len(ours_runs))
     assert all(ours.labels[i] == IGNORE_INDEX for i in differ)
@@ -372,7 +369,7 @@ def test_gemma3_trl_labels_also_the_newline_after_end_of_turn(trl_sft, sample):
     # gemma3_training.jinja puts "<end_of_turn>\n" inside {% generation %}: TRL trains the "\n"
     # after the end-of-turn token, a token the model never produces (it stops at <end_of_turn>).
     ours_runs = labelled_texts(tok, ours)
-    assert labelled_texts(tok, Labelled(ids, labels)) == [text + "\n" for text in ours_runs]
+    assert labelled_texts(tok, Example(ids, labels)) == [text + "\n" for text in ours_runs]
     differ = [i for i, (a, b) in enumerate(zip(labels, ours.labels)) if a != b]
     assert [tok.decode([ids[i]]) for i in differ] == ["\n"] * len(ours_runs)
 
@@ -384,8 +381,9 @@ def test_gemma3_tool_rows_rejected_by_both(trl_sft, sample):
     tok = published_tokenizer(trl_sft, "gemma3", "gemma3.jinja")
     with pytest.raises(TemplateError, match="alternate"):  # TRL: the published alternation check
         trl_labels(trl_sft, tok, SAMPLES[sample])
-    with pytest.raises(BadRow):
+    with pytest.raises(BadRow) as info:  # ftdist: our template's explicit rejection, a bad row
         encode(family_tokenizer("gemma3"), SAMPLES[sample])
+    assert info.value.kind == "template_error"
 
 
 # Qwen3 rows with a single assistant turn, where TRL's training template and the published one
@@ -411,7 +409,7 @@ def test_qwen3_single_turn_rows_match_trl_but_for_the_newline_after_im_end(trl_s
     # prompt "<|im_start|>assistant\n", think block included) but ends after the "\n" that
     # follows <|im_end|>: one extra labelled "\n", at the very end.
     (text,) = labelled_texts(tok, ours)
-    assert labelled_texts(tok, Labelled(ids, labels)) == [text + "\n"]
+    assert labelled_texts(tok, Example(ids, labels)) == [text + "\n"]
     assert labels[:-1] == ours.labels[:-1] and ours.labels[-1] == IGNORE_INDEX != labels[-1]
     assert tok.decode([ids[-1]]) == "\n"
 
@@ -422,7 +420,7 @@ def test_qwen3_multi_turn_rows_differ_from_trl_in_the_earlier_turns_context(trl_
     row = SAMPLES[sample]
     last = encode(tok, row).examples[-1]
     ids, labels = trl_labels(trl_sft, published_tokenizer(trl_sft, "qwen3", "qwen3.jinja"), row)
-    theirs = Labelled(ids, labels)
+    theirs = Example(ids, labels)
     # TRL's qwen3_training.jinja renders every assistant turn with its think block, so it can
     # label all turns in one pass; the published template (and so the model at inference) drops
     # the think block of turns before the last user query. ftdist trains each turn in its
@@ -465,7 +463,7 @@ def test_llama3_0_tool_rows_trl_trains_an_empty_turn_ftdist_refuses(trl_sft):
     # is rendered and stops with a DataError naming the template.
     tok = published_tokenizer(trl_sft, "llama3", "llama3.jinja")
     ids, labels = trl_labels(trl_sft, tok, TOOL_USE)
-    assert labelled_texts(tok, Labelled(ids, labels)) == ["<|eot_id|>", "It is 20 C.<|eot_id|>"]
+    assert labelled_texts(tok, Example(ids, labels)) == ["<|eot_id|>", "It is 20 C.<|eot_id|>"]
     with pytest.raises(DataError, match="left out the tool call to 'get_weather'"):
         encode(tok, TOOL_USE)
 
@@ -500,9 +498,10 @@ def test_generation_blocks_path_qwen2_5_leaves_the_generation_prompt_newline_unl
     # prompt "<|im_start|>assistant\n": the template's leading "\n" is the model's input at
     # inference, so it stays unlabelled. The "\n" after <|im_end|> is inside the turn and inside
     # the mask, so (unlike with the plain template) it is labelled: the mask decides there.
-    trl_runs = labelled_texts(tok, Labelled(ids, labels))
+    trl_runs = labelled_texts(tok, Example(ids, labels))
     assert [text[0] for text in trl_runs] == ["\n"] * len(trl_runs)
     assert labelled_texts(tok, ours) == [text[1:] for text in trl_runs]
+    assert labelled_texts(tok, ours) == [text + "\n" for text in EXPECTED["qwen2_5"][sample][1][0]]
 
 
 def test_generation_blocks_path_follows_the_mask_inside_the_turn(trl_sft):
@@ -518,7 +517,7 @@ def test_generation_blocks_path_follows_the_mask_inside_the_turn(trl_sft):
     tok.chat_template = tok.chat_template.replace(opened + combined, think + opened + "{{- content.lstrip('\\n') }}")
     row = SAMPLES["reasoning_field"]
     ids, labels = trl_labels(trl_sft, tok, row)
-    assert labelled_texts(tok, Labelled(ids, labels)) == ["4.<|im_end|>\n", "6.<|im_end|>\n"]
+    assert labelled_texts(tok, Example(ids, labels)) == ["4.<|im_end|>\n", "6.<|im_end|>\n"]
     (ours,) = encode(tok, row).examples
     assert (ours.input_ids, ours.labels) == (ids, labels)
 
