@@ -9,8 +9,10 @@ from pathlib import Path
 from helpers import FAST, read_metrics
 from transformers import AutoTokenizer
 
+from ftdist.checkpoint import complete_checkpoints
 from ftdist.config import compose
 from ftdist.data.chat import show_labels
+from ftdist.export import export
 from ftdist.train import run
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "assets" / "chat_templates" / "qwen3.jinja"
@@ -49,7 +51,8 @@ def test_multi_turn_and_tool_chats_train_with_a_qwen3_template_per_turn_where_ne
     dcfg = compose([
         *FAST, "data=chat", f"data.path={data}", f"data.validation_path={val}", f"data.chat_template={TEMPLATE}",
         "data.max_seq_len=1024", "data.packing=true", "train.micro_batch_size=2", "train.max_steps=3",
-        "train.eval_every_steps=3", "eval.exact_match_samples=1", "eval.max_new_tokens=4", f"output_dir={run_dir}",
+        "train.eval_every_steps=3", "eval.exact_match_samples=1", "eval.max_new_tokens=4", "checkpoint.every_steps=3",
+        f"output_dir={run_dir}",
     ])
     trainer, summary = run(dcfg, output_dir=str(run_dir))
     assert summary["steps"] == 3
@@ -83,6 +86,9 @@ def test_multi_turn_and_tool_chats_train_with_a_qwen3_template_per_turn_where_ne
         "<|im_end|>\n]]"
     )
 
-    # The template trained with is the one final/ serves with, and the run keeps a copy.
+    # The template trained with is the one final/ serves with, and the run keeps a copy, which an
+    # export from a checkpoint uses (data.chat_template may be a relative path, or gone).
     assert AutoTokenizer.from_pretrained(run_dir / "final").chat_template == TEMPLATE.read_text()
     assert (run_dir / "chat_template.jinja").read_text() == TEMPLATE.read_text()
+    exported = export(complete_checkpoints(run_dir)[-1], tmp_path / "exported")
+    assert AutoTokenizer.from_pretrained(exported).chat_template == TEMPLATE.read_text()
