@@ -14,8 +14,9 @@ from typing import Any
 
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
-from ftdist.data.chat import ChatEncoder, conversation, type_name
+from ftdist.data.chat import ChatEncoder
 from ftdist.data.example import Encoded, Example
+from ftdist.data.messages import conversation, type_name
 from ftdist.data.sources import BadRow, DataError
 
 __all__ = ["Encoded", "Example", "RowEncoder", "uses_chat_template"]
