@@ -4,7 +4,8 @@
   template (as a one-turn conversation, see chat.py) or a plain "### Instruction / ### Response"
   template;
 - chat: a list of messages (system, user, assistant with optional reasoning and tool calls,
-  tool results) and an optional tools list, rendered with the chat template (chat.py);
+  tool results) and an optional tools list (checked in messages.py), rendered with the chat
+  template (chat.py);
 - text: bos + text + eos, every token labelled.
 """
 
