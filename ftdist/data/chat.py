@@ -127,8 +127,8 @@ class ChatEncoder:
             raise DataError(
                 f"the chat template starts assistant message {i + 1} differently at inference (the conversation "
                 "before it with the generation prompt) and in training (the conversation up to it), so the "
-                "assistant's tokens cannot be located. Use a template with {% generation %} blocks around "
-                "assistant content that keeps this property (data.chat_template=PATH), or data.train_on_prompt=true"
+                "assistant's tokens cannot be located. Use a chat template whose generation prompt is the start "
+                "of the assistant turn it renders (data.chat_template=PATH), or data.train_on_prompt=true"
             )
         return _Turn(i, before, upto)
 
