@@ -161,10 +161,8 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
 
     with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
         loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
-    use_chat_template_file(loaded.tokenizer, cfg.data.chat_template)  # final/ saves the template trained with
-    trainer = Trainer(
-        cfg, strategy, loaded.model, loaded.tokenizer, train_examples, val_examples, run_dir, tracker, objective
-    )
+    # The tokenizer that made the examples (its data.chat_template included) is the one final/ saves.
+    trainer = Trainer(cfg, strategy, loaded.model, tokenizer, train_examples, val_examples, run_dir, tracker, objective)
     # A resumed run's files replace the old ones only once its checkpoint is accepted.
     summary = trainer.fit(resume_from, on_resumed=write_run_files)
     if cfg.train.save_final and summary["complete"]:
