@@ -219,10 +219,7 @@ def _has_reasoning(message: dict, open_tag: str, close_tag: str) -> bool:
 
 def _answer(message: dict, close_tag: str) -> str | None:
     """The final answer of an assistant message (its reasoning left out): the exact-match reference."""
-    content = message.get("content", "")
-    if close_tag in content:
-        content = content.split(close_tag)[-1]
-    return content.strip() or None
+    return strip_reasoning(message.get("content", ""), close_tag).strip() or None
 
 
 def strip_reasoning(text: str, close_tag: str | None) -> str:

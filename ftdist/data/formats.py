@@ -91,9 +91,8 @@ class RowEncoder:
         if context:
             prompt = f"{prompt}\n\n{context}"
         if self.chat:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            if self.cfg.system_prompt:
-                messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+            messages, _ = conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                       None, self.fields.prompt, self.cfg.system_prompt)
             return self.chat.encode(messages, None)
         # Prompt and response are tokenized apart so no token straddles the boundary and the
         # label mask falls exactly on the response.
