@@ -90,10 +90,10 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], 
     train = _tally(train_out, report, prefix="")
     val = _tally(val_out, report, prefix="val_")
     report.rows_read = report.train_rows + report.val_rows
-    if report.turns:
+    if set(report.turns) - {"whole"}:  # said only where rows were split, not for every chat dataset
         log.info("chat rows by how data.turns=%s applied: %s (per_turn made %d examples more than rows)",
                  cfg.turns, report.turns, report.turn_examples)
-    _warn_bad_rows(report, cfg.max_seq_len)
+    _warn_losses(report, cfg.max_seq_len)
     _check_not_empty(report, cfg)
     return train, val, report
 
@@ -175,7 +175,8 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
     return examples
 
 
-def _warn_bad_rows(report: DataReport, max_seq_len: int) -> None:
+def _warn_losses(report: DataReport, max_seq_len: int) -> None:
+    """Warn of what the data lost: reasoning a template does not render, bad rows, truncated examples."""
     if report.reasoning_not_rendered:
         log.warning(
             "the chat template left out the reasoning of %d of %d trained assistant turns that have some "
