@@ -26,11 +26,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from ftdist.config import CHOICES
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Encoded, Example
 from ftdist.data.sources import BadRow, DataError
 
-TURNS = ("auto", "whole", "per_turn", "last")
+TURNS = CHOICES["data.turns"]  # the config's list; checked again here for a DataConfig built in code
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a run directory's copy of data.chat_template
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
