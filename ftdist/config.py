@@ -69,13 +69,15 @@ class DataFields:
     messages: str = "messages"  # chat: list of messages (role, content, tool_calls, reasoning_content)
     tools: str | None = "tools"  # chat: the row's tool list (JSON-schema function specs), handed to the template
     text: str = "text"  # text: plain causal LM
+    chosen: str = "chosen"  # preference: the preferred response (a string or assistant message(s))
+    rejected: str = "rejected"  # preference: the dispreferred response
 
 
 @dataclass
 class DataConfig:
     # Local .jsonl/.json/.parquet/.csv file, a hub dataset name, or synthetic:NAME (demo tasks).
     path: str = MISSING
-    format: str = "instruction"  # instruction | chat | text
+    format: str = "instruction"  # instruction | chat | text | preference
     fields: DataFields = field(default_factory=DataFields)
     split: str = "train"  # split name for hub datasets
     validation_path: str | None = None  # a separate validation file; else val_fraction
@@ -241,9 +243,22 @@ class ClusterConfig:
 @dataclass
 class ObjectiveConfig:
     """What the model is trained to do (ftdist/objectives/): sft (supervised fine-tuning: loss
-    on the responses). The objectives of later issues add their options here."""
+    on the responses), or preference optimization on chosen/rejected pairs (data.format=
+    preference): dpo against a reference model, reference-free simpo and orpo. Each option
+    belongs to the objectives OBJECTIVE_OPTIONS lists; setting it for another is an error."""
 
     name: str = "sft"
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust (formulas in the README)
+    beta: float = 0.1  # dpo: KL strength; simpo: reward scale; orpo: weight of the odds-ratio term
+    label_smoothing: float = 0.0  # dpo sigmoid/robust and simpo: assumed rate of flipped labels, in [0, 0.5)
+    sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen response (RPO)
+    gamma: float = 0.5  # simpo: target reward margin
+    # dpo: where reference log-probs come from. adapter: the policy with its adapters disabled
+    # (PEFT only); model: a frozen copy sharded like the policy; precomputed: one pass before
+    # training, cached; auto: adapter under PEFT, else model.
+    reference: str = "auto"
+    reference_path: str | None = None  # dpo: the reference's weights (default: the starting weights)
+    reference_cache: str | None = None  # dpo precomputed: the cache file (default: output_dir/reference_logps.pt)
 
 
 @dataclass
@@ -326,7 +341,7 @@ def slurm_time_minutes(time: str) -> int:
 CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
-    "data.format": ("instruction", "chat", "text"),
+    "data.format": ("instruction", "chat", "text", "preference"),
     "data.template": ("auto", "chat", "plain"),
     "data.turns": ("auto", "whole", "per_turn", "last"),
     "data.on_bad_row": ("error", "skip"),
@@ -341,6 +356,18 @@ CHOICES = {
     "train.on_nonfinite": ("raise", "skip"),
     "tracking.backend": ("none", "wandb"),
     "tracking.mode": (None, "online", "offline", "disabled"),
+    "objective.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "objective.reference": ("auto", "adapter", "model", "precomputed"),
+}
+
+# The options each built-in objective reads (ObjectiveConfig); any other set away from its
+# default is a mistake worth stopping for (beta under sft, gamma under dpo).
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+OBJECTIVE_OPTIONS = {
+    "sft": (),
+    "dpo": ("loss_type", "beta", "label_smoothing", "sft_weight", "reference", "reference_path", "reference_cache"),
+    "simpo": ("beta", "gamma", "label_smoothing"),
+    "orpo": ("beta",),
 }
 
 POSITIVE = (
@@ -421,9 +448,50 @@ def validate(cfg: FtdistConfig) -> None:
         )
     if cfg.eval.exact_match_samples < 0:
         raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
+    validate_objective(cfg)
     validate_parallel(cfg)
     validate_slurm(cfg)
     validate_plan(cfg)
+
+
+def validate_objective(cfg: FtdistConfig) -> None:
+    """Options of the chosen objective, and what it needs of the data and the model."""
+    o, name = cfg.objective, cfg.objective.name
+    if name not in OBJECTIVE_OPTIONS:  # registered from outside (register_objective): its own checks
+        return
+    defaults = ObjectiveConfig()
+    for option in ObjectiveConfig.__dataclass_fields__:
+        if option != "name" and option not in OBJECTIVE_OPTIONS[name] and getattr(o, option) != getattr(defaults, option):
+            users = [n for n, opts in OBJECTIVE_OPTIONS.items() if option in opts]
+            raise ConfigError(f"objective.{option} applies to objective={'|'.join(users)}, not objective={name}")
+    preference = name in PREFERENCE_OBJECTIVES
+    if preference != (cfg.data.format == "preference"):
+        raise ConfigError(
+            f"objective={name} trains on chosen/rejected pairs: it needs data.format=preference"
+            if preference else f"data.format=preference holds chosen/rejected pairs: train them with "
+            f"objective={'|'.join(PREFERENCE_OBJECTIVES)}, not objective={name}"
+        )
+    if not preference:
+        return
+    if o.beta <= 0:
+        raise ConfigError(f"objective.beta must be > 0 (got {o.beta})")
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing must be in [0, 0.5) (got {o.label_smoothing})")
+    if o.label_smoothing and name == "dpo" and o.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"objective.label_smoothing applies to loss_type=sigmoid|robust, not {o.loss_type}")
+    if o.sft_weight < 0:
+        raise ConfigError(f"objective.sft_weight must be >= 0 (got {o.sft_weight})")
+    if o.reference == "adapter" and cfg.peft.method == "none":
+        raise ConfigError("objective.reference=adapter runs the policy with its adapters disabled: it needs "
+                          "peft=lora|dora|qlora (with peft=none use reference=model or precomputed)")
+    if o.reference_path is not None:
+        if o.reference == "adapter" or (o.reference == "auto" and cfg.peft.method != "none"):
+            raise ConfigError("objective.reference_path names a reference model to load; objective.reference="
+                              f"{o.reference} with peft={cfg.peft.method} uses the adapter-disabled policy instead "
+                              "(set objective.reference=model or precomputed)")
+        if not os.path.isdir(os.path.expanduser(o.reference_path)):
+            raise ConfigError(f"objective.reference_path={o.reference_path}: no such model directory "
+                              f"(working directory: {os.getcwd()})")
 
 
 # What a strategy or PEFT method needs installed: (applies, what, package, module, pip extra).

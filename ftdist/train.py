@@ -161,8 +161,11 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
 
     with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
         loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+        reference = load_reference_model(cfg, strategy) if objective.loads_reference_model else None
     # The tokenizer that made the examples (its data.chat_template included) is the one final/ saves.
-    trainer = Trainer(cfg, strategy, loaded.model, tokenizer, train_examples, val_examples, run_dir, tracker, objective)
+    trainer = Trainer(cfg, strategy, loaded.model, tokenizer, train_examples, val_examples, run_dir, tracker, objective,
+                      reference_model=reference)
+    del reference  # the trainer holds it while needed (a precomputed reference is freed after its pass)
     # A resumed run's files replace the old ones only once its checkpoint is accepted.
     summary = trainer.fit(resume_from, on_resumed=write_run_files)
     if cfg.train.save_final and summary["complete"]:
@@ -174,6 +177,20 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
     # Leave together: a rank tearing down gloo while another still talks to it aborts.
     strategy.barrier()
     return trainer, summary
+
+
+def load_reference_model(cfg, strategy):
+    """DPO's frozen reference: objective.reference_path, else the policy's starting weights, loaded
+    as the policy is (the same strategy, dtype and attention) but with no adapters."""
+    from dataclasses import replace
+
+    from ftdist.config import PeftConfig
+    from ftdist.model.loading import load_model
+
+    model_cfg = cfg.model if cfg.objective.reference_path is None else replace(
+        cfg.model, name_or_path=cfg.objective.reference_path, tiny=None)
+    log.info("loading the reference model from %s", cfg.objective.reference_path or "the starting weights")
+    return load_model(model_cfg, strategy.device, PeftConfig(method="none"), strategy).model
 
 
 def report_finished(run_dir: Path, summary: dict, is_main: bool) -> dict:
@@ -193,6 +210,12 @@ def report_summary(summary: dict) -> None:
             "held-out exact match: base model %.1f%% -> fine-tuned %.1f%%",
             100 * summary["exact_match_before"],
             100 * summary["exact_match_after"],
+        )
+    if "eval_rewards/accuracies_before" in summary:
+        log.info(
+            "held-out reward accuracy: %.1f%% at step 0 -> %.1f%% after training",
+            100 * summary["eval_rewards/accuracies_before"],
+            100 * summary["eval_rewards/accuracies_after"],
         )
     log.info("summary: %s", json.dumps(summary))
 

@@ -32,7 +32,7 @@ from ftdist.data.loader import GlobalBatchSampler
 from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, peak_memory_gb
 from ftdist.model.attention import model_inputs, sliding_window_of
 from ftdist.objectives import build_objective
-from ftdist.objectives.base import EvalContext, MicroBatch, Objective
+from ftdist.objectives.base import EvalContext, MicroBatch, Objective, TrainingContext
 from ftdist.optim import build_optimizer, lr_multiplier
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
@@ -64,6 +64,7 @@ class Trainer:
         run_dir: Path,
         tracker: WandbTracker | None = None,  # W&B on rank 0: tracking.start_wandb, before the model loads
         objective: Objective | None = None,  # default: the one cfg.objective names
+        reference_model: torch.nn.Module | None = None,  # a frozen second model the objective asked for (DPO)
     ):
         self.cfg = cfg
         self.strategy = strategy
@@ -101,6 +102,14 @@ class Trainer:
             cfg.train,
             self.bf16,
         )
+        if reference_model is not None:
+            reference_model = strategy.prepare_frozen(reference_model, cfg.train, self.bf16)
+        # Before any checkpoint loads: what the objective binds to (DPO's precomputed reference
+        # log-probs) is the starting model's.
+        self.objective.setup(TrainingContext(
+            model=self.model, strategy=strategy, logits=self.logits, reference_model=reference_model, bf16=self.bf16,
+            train_examples=train_examples, val_examples=val_examples, run_dir=run_dir,
+        ))
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main, tracker=tracker)
         self.step = 0
         self.total_tokens = 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The plain template (data.template=plain): what precedes a response.
+PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
+
 
 @dataclass
 class Example:

@@ -6,7 +6,9 @@
 - chat: a list of messages (system, user, assistant with optional reasoning and tool calls,
   tool results) and an optional tools list (checked in messages.py), rendered with the chat
   template (chat.py);
-- text: bos + text + eos, every token labelled.
+- text: bos + text + eos, every token labelled;
+- preference: a prompt and a chosen and a rejected response, rendered as instruction or chat
+  rows are (preference.py); one Pair per row.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.chat import ChatEncoder
-from ftdist.data.example import Encoded, Example
+from ftdist.data.example import PLAIN_PROMPT, Encoded, Example
 from ftdist.data.messages import conversation, type_name
+from ftdist.data.preference import encode_pair
 from ftdist.data.sources import BadRow, DataError
 
 __all__ = ["Encoded", "Example", "RowEncoder", "uses_chat_template"]
 
-PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 def uses_chat_template(cfg: DataConfig, tokenizer) -> bool:
@@ -45,8 +47,10 @@ class RowEncoder:
     """Encodes one row for `cfg.format`; raises BadRow for a malformed row."""
 
     def __init__(self, cfg: DataConfig, tokenizer):
-        if cfg.format not in ("instruction", "chat", "text"):
-            raise DataError(f"data.format={cfg.format!r} is not one of instruction, chat, text")
+        if cfg.format not in ("instruction", "chat", "text", "preference"):
+            raise DataError(f"data.format={cfg.format!r} is not one of instruction, chat, text, preference")
+        if cfg.format == "preference" and cfg.train_on_prompt:
+            raise DataError("data.train_on_prompt=true: preference pairs share their prompt, so only responses carry a loss")
         self.cfg = cfg
         self.fields = cfg.fields
         self.tok = tokenizer
@@ -72,6 +76,8 @@ class RowEncoder:
             return Encoded([self.text(value)])
         if self.cfg.format == "chat":
             return self.chat_row(value)
+        if self.cfg.format == "preference":
+            return encode_pair(self, value)
         return self.instruction(value)
 
     def ids(self, text: str) -> list[int]:

@@ -1,7 +1,8 @@
 """From `data.*` config to tokenized train and validation examples, with a full account.
 
 Every row read ends in exactly one place: examples of its split, a bad row of a named kind, or
-`dropped_no_labels` (nothing left to learn after truncation). A chat row trained per turn gives
+`dropped_no_labels` (nothing left to learn after truncation: for a preference pair, either
+response without a label, or both truncated to the same tokens). A chat row trained per turn gives
 one example per assistant turn (`turn_examples` counts those beyond the first), each kept or
 dropped on its own. `DataReport` holds those counts, so for each split
 `rows + turn_examples == sum(bad_rows) + dropped_no_labels + examples`.
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.formats import Encoded, Example, RowEncoder
+from ftdist.data.preference import Pair
 from ftdist.data.sources import BadRow, DataError, Row, check_data_source, read_rows
 
 __all__ = ["DataError", "DataReport", "Example", "check_data_source", "prepare_data"]
@@ -67,8 +69,9 @@ _Dropped = object()  # an example that lost every label to truncation
 _Outcome = BadRow | tuple[Encoded, list]
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Example], list[Example], DataReport]:
-    """Read, format, truncate and split the data; raises DataError on the first bad row
+def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list, list, DataReport]:
+    """Read, format, truncate and split the data into Examples (Pairs for data.format=preference);
+    raises DataError on the first bad row
     (on_bad_row=error) or when a split that should have examples ends up with none."""
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row={cfg.on_bad_row!r} is not one of error, skip")
@@ -129,8 +132,14 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataRepo
     return encoded, [_truncate(e, cfg.max_seq_len) for e in encoded.examples]
 
 
-def _truncate(example: Example, max_len: int):
-    """Keep the head; an example left with nothing to learn is dropped (and counted)."""
+def _truncate(example: Example | Pair, max_len: int):
+    """Keep the head; an example left with nothing to learn is dropped (and counted). A pair's
+    two sequences are cut apart, each to max_len."""
+    if isinstance(example, Pair):
+        chosen, rejected = _truncate(example.chosen, max_len), _truncate(example.rejected, max_len)
+        if chosen is _Dropped or rejected is _Dropped or chosen[0].input_ids == rejected[0].input_ids:
+            return _Dropped
+        return Pair(chosen[0], rejected[0]), chosen[1] or rejected[1]
     truncated = len(example.input_ids) > max_len
     if truncated:
         example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)
@@ -163,8 +172,9 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
             example, truncated = result
             examples.append(example)
             counts["truncated"] += truncated
-            counts["tokens"] += len(example.input_ids)
-            counts["label_tokens"] += sum(label != IGNORE_INDEX for label in example.labels[1:])
+            for sequence in (example.chosen, example.rejected) if isinstance(example, Pair) else (example,):
+                counts["tokens"] += len(sequence.input_ids)
+                counts["label_tokens"] += sum(label != IGNORE_INDEX for label in sequence.labels[1:])
     split = "val" if prefix else "train"
     setattr(report, f"{split}_rows", len(outcomes))
     setattr(report, f"{split}_examples", len(examples))

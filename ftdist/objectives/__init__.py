@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.objectives.base import Objective
+from ftdist.objectives.dpo import DPOObjective
+from ftdist.objectives.preference import ORPOObjective, SimPOObjective
 from ftdist.objectives.sft import SFTObjective
 
-OBJECTIVES: dict[str, type] = {"sft": SFTObjective}
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "dpo": DPOObjective, "simpo": SimPOObjective, "orpo": ORPOObjective}
 
 
 def register_objective(name: str, cls: type) -> None:

@@ -71,6 +71,22 @@ class EvalContext:
     cfg: Any  # ftdist.config.FtdistConfig
 
 
+@dataclass
+class TrainingContext:
+    """What an objective may bind to once the trainer has prepared the model (Objective.setup):
+    DPO's reference forward and its precomputed log-probs need the policy, the strategy and,
+    where one was loaded, the frozen reference model."""
+
+    model: torch.nn.Module  # the policy, as the strategy wrapped it
+    strategy: Any  # ftdist.parallel.base.Strategy
+    logits: Callable[[torch.nn.Module, Any], torch.Tensor]  # (model, micro-batch) -> logits, as the trainer runs it
+    reference_model: torch.nn.Module | None  # frozen and placed by strategy.prepare_frozen, where one was loaded
+    bf16: bool  # whether this run computes in bf16
+    train_examples: list
+    val_examples: list
+    run_dir: Path
+
+
 class Objective(Protocol):
     name: str
     # The eval metric summary.json reports before and after training ("exact_match" for SFT:
@@ -79,6 +95,13 @@ class Objective(Protocol):
     # Keys of ObjectiveLoss.sums, fixed up front: every rank all-reduces the same list, even a
     # rank that evaluates no batch.
     sum_keys: tuple[str, ...]
+
+    # Whether train.py loads a second, frozen model for this objective (DPO's reference=model).
+    loads_reference_model: bool
+
+    def setup(self, ctx: TrainingContext) -> None:
+        """Bind to the prepared model before the first step (and before a checkpoint loads)."""
+        ...
 
     def prepare_data(self, tokenizer) -> tuple[list, list, Any]:
         """(train examples, validation examples, report with to_dict()) from the run's `data.*`."""
@@ -136,8 +159,10 @@ def loss_pass(objective: Objective, ctx: EvalContext) -> tuple[float, float, dic
     if strategy.shards_parameters:
         # Sharded forwards are collectives: match the rank with the most batches, results unused.
         most = max(len(eval_batches(lengths, r, world, ctx.batch_size)) for r in range(world))
+        # The whole loss runs, not just the forward: an objective's loss may hold further
+        # sharded forwards (DPO's reference), and every rank must run as many of those too.
         for _ in range(most - len(mine)):
-            ctx.forward(objective.padding_batch().to(strategy.device))
+            objective.loss(ctx.forward, objective.padding_batch().to(strategy.device))
     keys = objective.sum_keys
     total_loss, total_count, *values = strategy.all_reduce_sum([loss_sum, count, *(sums.get(k, 0.0) for k in keys)])
     return total_loss, total_count, dict(zip(keys, values, strict=True))

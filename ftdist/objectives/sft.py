@@ -17,7 +17,7 @@ from ftdist.data.loader import Batch, collate
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import Example, prepare_data
 from ftdist.evaluation import exact_match
-from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, loss_pass
+from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
 
 
 def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,10 +36,14 @@ class SFTObjective:
     name = "sft"
     task_metric = "exact_match"
     sum_keys: tuple[str, ...] = ()
+    loads_reference_model = False
 
     def __init__(self, cfg: FtdistConfig, tokenizer):
         self.cfg = cfg
         self.pad_token_id = tokenizer.pad_token_id
+
+    def setup(self, ctx: TrainingContext) -> None:
+        pass
 
     # --- data -----------------------------------------------------------------------------
 

@@ -103,6 +103,12 @@ class Strategy:
         optimizer = make_optimizer(wrapped)
         return wrapped, optimizer, make_scheduler(optimizer)
 
+    def prepare_frozen(self, model: torch.nn.Module, train: TrainConfig, bf16: bool) -> torch.nn.Module:
+        """A model that only runs forwards (DPO's reference), placed as this strategy places the
+        policy's weights: here whole on the device, in eval mode, with no parameter training."""
+        model.requires_grad_(False)
+        return model.to(self.device).eval()
+
     def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
         loss.backward()
 

@@ -256,6 +256,20 @@ class DeepSpeedStrategy(DistributedStrategy):
         self._save_fp32_master = engine_bf16 and self.cfg.zero_stage < 3 and loaded_dtype == torch.float32
         return engine, optimizer, scheduler
 
+    def prepare_frozen(self, model, train: TrainConfig, bf16: bool):
+        """ZeRO-3: an engine with no optimizer over the partitions zero.Init made at load, so each
+        rank holds 1/world of the weights and gathers a layer for its forward. Stages 1 and 2
+        replicate parameters anyway: a plain module, in the dtype the policy's engine computes in."""
+        model.requires_grad_(False)
+        engine_bf16 = self._engine_bf16(model, bf16)
+        if not is_zero_init_model(model):
+            model = model.to(self.device)
+            return (model.to(torch.bfloat16) if engine_bf16 else model).eval()
+        config = deepspeed_config(self.cfg, train, self.world_size, engine_bf16)
+        config.pop("optimizer", None)
+        engine, *_ = self.deepspeed.initialize(model=model, config=config)
+        return engine.eval()
+
     @contextlib.contextmanager
     def accumulating(self, model):
         # Not engine.no_sync (ZeRO 2/3 forbid it): only marks these micro-batches as not a

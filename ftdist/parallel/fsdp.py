@@ -96,12 +96,25 @@ class FSDPStrategy(DistributedStrategy):
 
     def prepare(self, model, make_optimizer, make_scheduler, train: TrainConfig, bf16: bool):
         self.handles_mixed_precision = bf16
+        self.num_units = self._shard(model, bf16, self.cfg.reshard_after_forward)
+        optimizer = make_optimizer(model)
+        return model, optimizer, make_scheduler(optimizer)
+
+    def prepare_frozen(self, model, train: TrainConfig, bf16: bool):
+        """Sharded like the policy (a frozen copy holds 1/world of the weights per rank); each
+        unit is gathered for its forward and freed after it."""
+        model.requires_grad_(False)
+        self._shard(model, bf16, reshard=True)
+        return model.eval()
+
+    def _shard(self, model, bf16: bool, reshard: bool) -> int:
+        """fully_shard `model` and fill every rank's shards; returns the number of FSDP units."""
         # bf16 compute, fp32 gradient reduction: summing over ranks in bf16 loses precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         deferred = not self._has_quantized(model)  # as load_model decided: see loads_on_rank0_only
         full = model.state_dict() if self.is_main and deferred else {}
         ties = tied_parameters(model)
-        self.num_units = apply_fsdp(model, mp, self.cfg.reshard_after_forward, self.cfg.cpu_offload)
+        units = apply_fsdp(model, mp, reshard, self.cfg.cpu_offload)
         if deferred:
             # Rank 0 holds the loaded weights; everyone else's shards are filled from them.
             set_model_state_dict(
@@ -112,8 +125,7 @@ class FSDPStrategy(DistributedStrategy):
             broadcast_buffers(model, self.device)
         if not self.cfg.cpu_offload:
             model.to(self.device)
-        optimizer = make_optimizer(model)
-        return model, optimizer, make_scheduler(optimizer)
+        return units
 
     @staticmethod
     def _has_quantized(model: torch.nn.Module) -> bool:
