@@ -3,6 +3,9 @@
 `json_extraction`: turn a sentence about a person into a JSON record, the kind of format task
 fine-tuning is most often used for. Sentences come from several templates with the fields in
 different orders, so the model has to find each field rather than copy by position.
+
+`json_preference`: the same prompts as preference pairs (data.format=preference): the correct
+record chosen, the record with one field wrong rejected.
 """
 
 from __future__ import annotations
@@ -50,7 +53,25 @@ def json_extraction_row(rng: random.Random) -> dict:
     return {"prompt": INSTRUCTION + sentence, "response": json.dumps(person)}
 
 
-TASKS = {"json_extraction": json_extraction_row}
+def json_preference_row(rng: random.Random) -> dict:
+    """A json_extraction prompt with its correct record preferred over the same record with one
+    field wrong (another name, age, city or job than the sentence says)."""
+    row = json_extraction_row(rng)
+    person = json.loads(row["response"])
+    wrong = dict(person)
+    key = rng.choice(list(person))
+    choices = {
+        "name": lambda: f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
+        "age": lambda: rng.randint(18, 89),
+        "city": lambda: rng.choice(CITIES),
+        "job": lambda: rng.choice(JOBS),
+    }
+    while wrong[key] == person[key]:
+        wrong[key] = choices[key]()
+    return {"prompt": row["prompt"], "chosen": row["response"], "rejected": json.dumps(wrong)}
+
+
+TASKS = {"json_extraction": json_extraction_row, "json_preference": json_preference_row}
 
 
 def generate_rows(name: str, n: int, seed: int) -> list[dict]:
