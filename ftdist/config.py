@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelSpec:
-    """A small random-init Llama built locally (no download) and cached on disk."""
+    """A small Llama built locally (no download), random-init or warm-started, and cached on disk."""
 
     hidden_size: int = 128
     num_layers: int = 4
@@ -39,6 +39,18 @@ class TinyModelSpec:
     max_position_embeddings: int = 4096
     vocab_size: int = 1024  # target size of the locally trained byte-level BPE tokenizer
     seed: int = 0
+    # Warm start: before caching, train the random-init model for sft_steps steps of supervised
+    # fine-tuning on synthetic:<sft_task> (e.g. json_extraction), so a preference demo starts
+    # from a model that already writes the task's format. None: the random-init model.
+    sft_task: str | None = None
+    sft_steps: int = 0
+    sft_lr: float = 3.0e-3
+    sft_batch_size: int = 32
+
+    def __post_init__(self):
+        if self.sft_steps < 0 or (self.sft_task is None) != (self.sft_steps == 0):
+            raise ConfigError(f"model.tiny.sft_task={self.sft_task!r} with model.tiny.sft_steps={self.sft_steps}: "
+                              "a warm start needs both a task and a positive number of steps, no warm start neither")
 
 
 @dataclass
@@ -473,6 +485,9 @@ def validate_objective(cfg: FtdistConfig) -> None:
         )
     if not preference:
         return
+    if cfg.data.train_on_prompt:
+        raise ConfigError("data.train_on_prompt=true: a preference pair's two sequences share their prompt, "
+                          "so only the responses carry a loss")
     if o.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0 (got {o.beta})")
     if not 0.0 <= o.label_smoothing < 0.5:
