@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, shared_dataset
@@ -26,7 +27,7 @@ def answers(tmp_path, name, responses, prompts=None):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_rows_are_joined_in_order_first_file_chosen(tmp_path, capsys):
@@ -101,7 +102,7 @@ def test_files_of_different_lengths_and_missing_files_are_errors(tmp_path):
 
 
 def test_field_names_and_input_field(tmp_path):
-    rows = lambda answer: [  # noqa: E731
+    rows = lambda answer: [
         {"instruction": "Translate.", "context": "Bonjour", "answer": f"{answer} 0"},
         {"instruction": "Say hi.", "context": "", "answer": f"{answer} 1"},
     ]
@@ -167,7 +168,7 @@ def test_self_instruct_predictions_join_into_252_pairs(tmp_path, tiny_tokenizer)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote 252 pairs to {out}; skipped 0 (same_responses 0, empty_response 0)"
     pairs = read_jsonl(out)
-    first_chosen, first_rejected = (json.loads(open(p).readline()) for p in (chosen, rejected))
+    first_chosen, first_rejected = (read_jsonl(p)[0] for p in (chosen, rejected))
     assert pairs[0] == {"prompt": first_chosen["prompt"], "chosen": first_chosen["response"],
                         "rejected": first_rejected["response"]}
     # Every pair is a valid preference row: none is refused, none dropped at a generous length.
