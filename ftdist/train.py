@@ -180,16 +180,19 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
 
 
 def load_reference_model(cfg, strategy):
-    """DPO's frozen reference: objective.reference_path, else the policy's starting weights, loaded
-    as the policy is (the same strategy, dtype and attention) but with no adapters."""
+    """DPO's frozen reference: objective.reference_path (as saved), else the policy's starting
+    weights loaded as the policy is (the same strategy, dtype, attention and 4-bit quantization
+    under qlora), but with no adapters."""
     from dataclasses import replace
 
     from ftdist.config import PeftConfig
     from ftdist.model.loading import load_model
 
-    model_cfg = cfg.model if cfg.objective.reference_path is None else replace(
-        cfg.model, name_or_path=cfg.objective.reference_path, tiny=None)
-    log.info("loading the reference model from %s", cfg.objective.reference_path or "the starting weights")
+    path = cfg.objective.reference_path
+    log.info("loading the reference model from %s", path or "the starting weights")
+    if path is None:
+        return load_model(cfg.model, strategy.device, cfg.peft, strategy, adapters=False).model
+    model_cfg = replace(cfg.model, name_or_path=path, tiny=None)
     return load_model(model_cfg, strategy.device, PeftConfig(method="none"), strategy).model
 
 

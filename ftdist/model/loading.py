@@ -172,7 +172,7 @@ def finish_model(
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None
+    cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None, adapters: bool = True
 ) -> LoadedModel:
     """The model with its adapters, on `device`, or as the strategy needs it to shard.
 
@@ -182,6 +182,9 @@ def load_model(
     the strategy shards it (FSDP), every rank keeps the whole quantized base in CPU memory until
     fully_shard moves it to the GPU one block at a time, so the GPU never holds more than its
     shards and one block.
+
+    adapters=False loads the base as `peft` would (4-bit under qlora) without adding adapters:
+    DPO's frozen reference is the policy's starting point, quantization included.
     """
     from transformers import AutoModelForCausalLM
 
@@ -214,7 +217,7 @@ def load_model(
                 on_device.check(model)  # every 4-bit weight was quantized on the GPU, none on the CPU
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
-    model = finish_model(model, cfg, peft, quantized=quant is not None)
+    model = finish_model(model, cfg, peft if adapters else None, quantized=quant is not None)
     if not deferred and quant is None:
         model = model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, attn_implementation=attn)

@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ftdist.constants import IGNORE_INDEX
 from ftdist.objectives.base import Forward, TrainingContext
 from ftdist.objectives.preference import (
     PairBatch,
@@ -43,6 +44,9 @@ class DPOObjective(PreferenceObjective):
     def setup(self, ctx: TrainingContext) -> None:
         super().setup(ctx)
         policy = functools.partial(ctx.logits, ctx.model)
+        if self.loads_reference_model and ctx.reference_model is None:
+            # Never fall back to the policy: its own log-ratios are 0 forever, a loss stuck at ln 2.
+            raise RuntimeError(f"dpo: reference={self.mode} needs the frozen reference model, and none was given")
         if ctx.reference_model is not None:
             disable_dropout(ctx.reference_model)
             self.reference_forward = functools.partial(ctx.logits, ctx.reference_model)
@@ -70,6 +74,8 @@ class DPOObjective(PreferenceObjective):
         if batch.reference_logps is not None:
             return batch.reference_logps
         if self.reference_forward is None:
+            if not (batch.labels != IGNORE_INDEX).any():  # a padding batch (sharded evaluation): nothing to refer to
+                return torch.zeros(2 * batch.num_pairs, device=batch.labels.device)
             raise RuntimeError("dpo: a batch without precomputed reference log-probs and no reference forward")
         return sequence_logps(self.reference_forward(batch), batch)
 

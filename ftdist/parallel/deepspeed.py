@@ -268,7 +268,8 @@ class DeepSpeedStrategy(DistributedStrategy):
         config = deepspeed_config(self.cfg, train, self.world_size, engine_bf16)
         config.pop("optimizer", None)
         engine, *_ = self.deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+        return engine
 
     @contextlib.contextmanager
     def accumulating(self, model):
