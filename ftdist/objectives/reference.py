@@ -75,7 +75,7 @@ def cache_key(cfg: FtdistConfig, train: list, val: list, bf16: bool) -> dict:
         "reference": os.path.abspath(source) if os.path.isdir(source) else source,
         "weight_files": weights,
         "dtype": cfg.model.dtype,
-        "quantization": {"quant_type": cfg.peft.quant_type, "quant_storage": cfg.peft.quant_storage} if quantized else None,
+        "quantization": {"method": "nf4", "quant_storage": cfg.peft.quant_storage} if quantized else None,
         "bf16": bf16,
         "attn_implementation": cfg.model.attn_implementation,
     }

@@ -210,18 +210,20 @@ def run_losses(trainer, steps: int = 3) -> list[float]:
     return [trainer.train_step()["loss"] for _ in range(steps)]
 
 
-def test_reference_modes_give_the_same_losses_under_lora(tmp_path, policy):
-    """adapter (the policy with LoRA off), model (a frozen base) and precomputed: one trajectory."""
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_reference_modes_give_the_same_losses_under_adapters(tmp_path, method):
+    """adapter (the policy with its adapters off), model (a frozen copy of the base, 4-bit under
+    qlora) and precomputed: one trajectory."""
     pairs = random_pairs(24, seed=11)
-    peft = PeftConfig(method="lora", dropout=0.0)
+    peft = PeftConfig(method=method, dropout=0.0)
     runs = {}
     for mode in ("adapter", "model", "precomputed"):
-        torch.manual_seed(0)  # LoRA's A matrices are drawn at wrapping: the same for each mode
+        torch.manual_seed(0)  # adapter weights are drawn at wrapping: the same for each mode
         cfg_model = ModelConfig(tiny=TinyModelSpec())
         model = load_model(cfg_model, torch.device("cpu"), peft).model
-        reference = load_model(cfg_model, torch.device("cpu")).model if mode == "model" else None
-        trainer = make_trainer(tmp_path / mode, ObjectiveConfig(name="dpo", beta=0.5, reference=mode), pairs, peft="lora",
-                               model=model, reference_model=reference)
+        reference = load_model(cfg_model, torch.device("cpu"), peft, adapters=False).model if mode == "model" else None
+        trainer = make_trainer(tmp_path / mode, ObjectiveConfig(name="dpo", beta=0.5, reference=mode), pairs,
+                               peft=method, model=model, reference_model=reference)
         runs[mode] = run_losses(trainer)
     assert runs["adapter"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(runs["adapter"][-1] - math.log(2)) > 1e-4  # the adapters moved: later steps are not ln 2
