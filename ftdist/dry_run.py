@@ -15,7 +15,7 @@ import os
 
 from ftdist import plan
 from ftdist.config import FtdistConfig
-from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, model_state
+from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, dpo_reference, micro_batch_shape, model_state
 from ftdist.parallel import strategy_class
 
 
@@ -81,15 +81,20 @@ def describe_model(cfg: FtdistConfig, config, c: Census) -> list[str]:
 
 def describe_batch(cfg: FtdistConfig, world: int) -> str:
     t, d = cfg.train, cfg.data
-    rows = t.micro_batch_size * t.grad_accum_steps * world
+    micro, row_tokens = micro_batch_shape(cfg)
+    rows = micro * t.grad_accum_steps * world
     kind = "packed rows" if d.packing else "rows (at most)"
-    return (f"batch: micro {t.micro_batch_size} x accum {t.grad_accum_steps} x {world} ranks = {rows} {kind} of "
-            f"{d.max_seq_len} tokens = {rows * d.max_seq_len:,} tokens per optimizer step")
+    pairs = ""
+    if d.format == "preference":  # whole pairs: two rows each, or packed into rows of twice the length
+        pairs = " (rows of whole chosen/rejected pairs)" if d.packing else f" ({t.micro_batch_size} chosen/rejected pairs)"
+    return (f"batch: micro {micro}{pairs} x accum {t.grad_accum_steps} x {world} ranks = {rows} {kind} of "
+            f"{row_tokens} tokens = {rows * row_tokens:,} tokens per optimizer step")
 
 
 def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     lines = ["memory per rank (GiB, estimate; python -m ftdist.plan explains each part):"]
-    lines += [f"  {part:<16} {value:8.2f}" for part, value in mem.items() if part not in ("total_gpu", "cpu")]
+    shown = [part for part in mem if part not in ("total_gpu", "cpu") and (part != "reference" or dpo_reference(cfg))]
+    lines += [f"  {part:<16} {mem[part]:8.2f}" for part in shown]
     lines.append(f"  {'total GPU':<16} {mem['total_gpu']:8.2f}")
     if mem["cpu"]:
         per_node = min(world, cfg.cluster.gpus_per_node)  # as ftdist.plan counts a node's ranks

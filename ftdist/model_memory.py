@@ -1,6 +1,6 @@
 """What a model holds in memory whatever the strategy: its parameters' storage (4-bit weights and
-their NF4 constants included), its trained parameters and optimizer groups, and the activations a
-micro-batch saves for backward.
+their NF4 constants included), its trained parameters and optimizer groups, the activations a
+micro-batch saves for backward, and DPO's frozen reference model where the run loads one.
 
 The model is built on the meta device (shapes and dtypes, no storage, nothing downloaded) with the
 adapters training uses, so every count is the real module tree's. How a strategy splits, casts and
@@ -10,6 +10,7 @@ module imports neither, so both can use its types.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class ModelState:
     optimizer_groups: list[list[int]]  # trained parameters' sizes, in the optimizer's groups and order
     matmul_params: int  # per-token matmul parameters (ftdist.metrics' FLOPs count)
     flops_per_token: float
+    reference: ModelState | None = None  # DPO's frozen reference model, where the run loads one
 
     @property
     def loaded_bytes(self) -> float:
@@ -138,7 +140,14 @@ def take_census(model, quantized: set[int], layers, base_ids: set[int]) -> Censu
 
 def model_state(cfg: FtdistConfig, built=None) -> ModelState:
     """The storage of the configured model, built on the meta device (or from build_meta_model's
-    result, when the caller has one)."""
+    result, when the caller has one), and of the reference model DPO loads beside it."""
+    state = _storage(cfg, built)
+    if reference_model_use(cfg) is not None:
+        state.reference = _storage(reference_config(cfg))
+    return state
+
+
+def _storage(cfg: FtdistConfig, built=None) -> ModelState:
     from ftdist.metrics import matmul_params, train_flops_per_token
 
     config, model, quantized, layers, base_ids = built or build_meta_model(cfg)
@@ -178,18 +187,67 @@ def model_state(cfg: FtdistConfig, built=None) -> ModelState:
     )
 
 
+# --- preference objectives: pairs, and DPO's reference -----------------------------------------
+
+
+def micro_batch_shape(cfg: FtdistConfig) -> tuple[int, int]:
+    """(rows, tokens per row) of a training micro-batch at its largest. Preference objectives hold
+    whole pairs (ftdist.objectives.preference): unpacked, each pair is two rows, chosen and
+    rejected; packed, each item is one row of up to 2 x data.max_seq_len tokens."""
+    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    if cfg.data.format != "preference":
+        return rows, seq
+    return (rows, 2 * seq) if cfg.data.packing else (2 * rows, seq)
+
+
+def dpo_reference(cfg: FtdistConfig) -> str | None:
+    """objective.reference as dpo resolves it (adapter, model or precomputed); None for objectives
+    with no reference."""
+    if cfg.objective.name != "dpo":
+        return None
+    from ftdist.objectives.reference import reference_mode
+
+    return reference_mode(cfg)
+
+
+def reference_model_use(cfg: FtdistConfig) -> str | None:
+    """When the run holds a second, frozen model: "training" (reference=model), "before training"
+    (precomputed from objective.reference_path: loaded for the pass, then freed), or None."""
+    mode = dpo_reference(cfg)
+    if mode == "model":
+        return "training"
+    if mode == "precomputed" and cfg.objective.reference_path is not None:
+        return "before training"
+    return None
+
+
+def reference_config(cfg: FtdistConfig) -> FtdistConfig:
+    """cfg as ftdist.train's load_reference_model loads the reference: the model's dtype and
+    architecture (a reference_path is sized as the policy's architecture: a checkpoint of the same
+    model), no adapters and so no 4-bit weights, nothing trained."""
+    c = copy.deepcopy(cfg)
+    c.peft.method = "none"
+    return c
+
+
+def reference_forward_each_micro_batch(cfg: FtdistConfig) -> bool:
+    """Whether each training micro-batch also runs the reference's no-grad forward."""
+    return dpo_reference(cfg) in ("adapter", "model")
+
+
 def compute_bytes(cfg: FtdistConfig) -> int:
     # bf16 where the model is bf16 or autocast runs (auto: bf16 on a bf16 GPU, the target here).
     return 2 if cfg.model.dtype == "bf16" or cfg.train.mixed_precision != "none" else 4
 
 
 def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
-    """Saved activations of one micro-batch: a rough count of the tensors autograd keeps."""
+    """Saved activations of one micro-batch, a rough count of the tensors autograd keeps, and its
+    logits (DPO's reference forward's too)."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    rows, seq = micro_batch_shape(cfg)
     tokens, act = rows * seq, compute_bytes(cfg)
     # Per token and layer, as counted with saved-tensor hooks on transformers' Llama (sdpa):
     # 8h + 2kv + 4I (norm inputs and outputs and the projections' 2-D views, q, k, v, attention
@@ -207,4 +265,8 @@ def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
         saved = layers * tokens * h * act + per_layer
     else:
         saved = layers * per_layer
-    return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
+    # DPO's reference forward runs inside the loss, after the policy's forward and before its
+    # backward: its logits and their fp32 log-softmax live beside everything saved above. Its
+    # no-grad layers keep nothing; one layer's transient tensors are not counted.
+    logit_passes = 2 if reference_forward_each_micro_batch(cfg) else 1
+    return saved + logit_passes * tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)

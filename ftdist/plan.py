@@ -7,7 +7,9 @@ strategy follows. Those rules are the strategy's own: each class in ftdist/paral
 the code that runs, what it keeps in which dtype, how it shards and places it, its communication
 buffers, what loading holds, and which change of it frees memory. This module holds only what
 every strategy shares: activations, speed, the fits check, the search for a change that fits,
-and the report. `dry_run=true` (ftdist.dry_run) prints the same numbers in its own words.
+and the report. Preference objectives size a micro-batch of pairs as its chosen and rejected
+sequences; DPO's frozen reference model, where the run loads one, is a part of its own, placed
+as the strategy places the policy's weights. `dry_run=true` (ftdist.dry_run) prints the same numbers in its own words.
 
 tests/memory_probe.py counts the same parts on a live model after a step (reading FSDP2's and
 DeepSpeed's private state, which only a test should); tests/dist/test_plan_model_state.py holds
@@ -19,15 +21,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import operator
 import sys
 
 from ftdist.config import ConfigError, FtdistConfig, compose, load_config
 from ftdist.constants import EXIT_BAD_INPUT, GIB
-from ftdist.model_memory import ModelState, activation_bytes, model_state
+from ftdist.model_memory import (
+    LOSS_BYTES_PER_LOGIT,
+    ModelState,
+    activation_bytes,
+    compute_bytes,
+    dpo_reference,
+    micro_batch_shape,
+    model_state,
+    reference_config,
+    reference_forward_each_micro_batch,
+    reference_model_use,
+)
 from ftdist.parallel import strategy_class
 
 MAX_NODES = 128
-PARTS = ("parameters", "lora", "quant_constants", "gradients", "optimizer", "activations", "communication", "workspace")
+PARTS = ("parameters", "lora", "quant_constants", "reference", "gradients", "optimizer", "activations", "communication",
+         "workspace")
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -60,31 +75,71 @@ def memory(cfg: FtdistConfig, m: ModelState, rank: int | None = None) -> dict:
         cpu_parts[part] = share[part] if on_cpu else 0.0
     # Replicated under every strategy: QuantState is not a parameter, so FSDP does not shard it.
     gpu["quant_constants"] = m.quant_constant_bytes
+    reference, reference_on_cpu = reference_share(cfg, m, world)
+    in_training = reference if reference_model_use(cfg) == "training" else 0.0
+    gpu["reference"], cpu_parts["reference"] = (0.0, in_training) if reference_on_cpu else (in_training, 0.0)
     gpu["activations"] = activations(cfg, m, cfg.model.gradient_checkpointing)
     gpu["communication"], comm_note = strategy.communication_bytes(cfg, m, world)
     gpu["workspace"] = cfg.plan.workspace_gb * GIB
+    reference_gpu = 0.0 if reference_on_cpu else reference
     return {"world": world, "gpu": {k: gpu[k] for k in PARTS}, "cpu": sum(cpu_parts.values()), "cpu_parts": cpu_parts,
-            "layout": lay, "comm_note": comm_note}
+            "layout": lay, "comm_note": comm_note, "reference_gpu": reference_gpu,
+            "reference_pass": reference_pass(cfg, m, gpu, reference_gpu)}
+
+
+def reference_share(cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, bool]:
+    """(bytes, in CPU memory) of DPO's frozen reference model on each rank; 0 where the run loads
+    none. prepare_frozen places it as the strategy places the policy's base weights: whole
+    (single, DDP, ZeRO-1/2) or 1/world (FSDP2, ZeRO-3), in the dtype the strategy keeps them in
+    (DeepSpeed: bf16 where it computes in bf16), in CPU memory where those are offloaded."""
+    if m.reference is None:
+        return 0.0, False
+    strategy = strategy_class(cfg.strategy)
+    shards, on_cpu = strategy.layout(cfg, world).placement()["parameters"]
+    return strategy.state_bytes(reference_config(cfg), m.reference)["parameters"] / shards, on_cpu
+
+
+def reference_pass(cfg: FtdistConfig, m: ModelState, gpu: dict, reference_gpu: float) -> float:
+    """GPU peak per rank of the pass objective.reference=precomputed makes before training (0 for
+    other modes): the training state less its activations (an upper bound: the optimizer state
+    may not exist yet), the reference model where one is loaded for the pass, and the no-grad
+    logits of train.eval_batch_size pairs (two rows each) with their fp32 log-softmax."""
+    if dpo_reference(cfg) != "precomputed":
+        return 0.0
+    logits = 2 * cfg.train.eval_batch_size * cfg.data.max_seq_len * m.config.vocab_size * (
+        compute_bytes(cfg) + LOSS_BYTES_PER_LOGIT)
+    return sum(v for part, v in gpu.items() if part != "activations") + reference_gpu + logits
 
 
 def loading(cfg: FtdistConfig, m: ModelState, mem: dict) -> dict:
     """Memory while the model loads, before the strategy has sharded it: host bytes on rank 0
     and on each other rank, host bytes per node (rank 0's node), and the GPU peak per rank
     (weights arrive in their final place, except where the strategy says otherwise)."""
-    held = strategy_class(cfg.strategy).loading(cfg, m)
+    strategy = strategy_class(cfg.strategy)
+    held = strategy.loading(cfg, m)
+    host_rank0, host_other, gpu_extra, note = held.host_rank0, held.host_other_rank, held.gpu_extra, held.note
+    if m.reference is not None:
+        ref = strategy.loading(reference_config(cfg), m.reference)
+        # ftdist.train loads DPO's reference right after the policy, before prepare: FSDP's policy
+        # still waits in host memory then; elsewhere load_model has moved it to the GPU already.
+        both = operator.add if strategy.loads_on_rank0_only else max
+        host_rank0, host_other = both(host_rank0, ref.host_rank0), both(host_other, ref.host_other_rank)
+        gpu_extra = max(gpu_extra, ref.gpu_extra)
+        how = "the same way" if ref.note == note else f"as a model without adapters ({ref.note})"
+        note += f"; DPO's reference model then loads {how}" + (", both held until prepare" if both is operator.add else "")
     per_node = min(mem["world"], cfg.cluster.gpus_per_node)
     gpu = mem["gpu"]
-    settled = gpu["parameters"] + gpu["lora"] + gpu["quant_constants"] + gpu["workspace"]
-    return {"host_rank0": held.host_rank0, "host_other_rank": held.host_other_rank,
-            "host_per_node": held.host_rank0 + (per_node - 1) * held.host_other_rank,
-            "gpu": settled + held.gpu_extra, "note": held.note}
+    settled = gpu["parameters"] + gpu["lora"] + gpu["quant_constants"] + mem["reference_gpu"] + gpu["workspace"]
+    return {"host_rank0": host_rank0, "host_other_rank": host_other,
+            "host_per_node": host_rank0 + (per_node - 1) * host_other, "gpu": settled + gpu_extra, "note": note}
 
 
 def fits(cfg: FtdistConfig, mem: dict, load: dict) -> tuple[bool, bool]:
-    """Whether training and loading fit: GPU memory per rank, host memory per node (offloaded
-    state while training; the unsharded model while loading, freed as it is sharded)."""
+    """Whether training, loading and a precomputed reference's pass fit: GPU memory per rank, host
+    memory per node (offloaded state while training; the unsharded model while loading, freed as
+    it is sharded)."""
     budget_gpu, budget_cpu = cfg.cluster.gpu_mem_gb * GIB, cfg.cluster.cpu_mem_gb * GIB
-    gpu_ok = max(sum(mem["gpu"].values()), load["gpu"]) <= budget_gpu
+    gpu_ok = max(sum(mem["gpu"].values()), load["gpu"], mem["reference_pass"]) <= budget_gpu
     ranks_per_node = min(mem["world"], cfg.cluster.gpus_per_node)
     cpu_ok = max(mem["cpu"] * ranks_per_node, load["host_per_node"]) <= budget_cpu
     return gpu_ok, cpu_ok
@@ -159,20 +214,24 @@ def speed(cfg: FtdistConfig, m: ModelState, world: int) -> dict:
 
     t = cfg.train
     peak = GPU_PEAK_FLOPS[cfg.cluster.gpu.upper()]
-    seq = cfg.data.max_seq_len
-    tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * seq
+    seq = cfg.data.max_seq_len  # a sequence's longest (a packed pair's row holds two)
+    rows, row_tokens = micro_batch_shape(cfg)
+    tokens_per_rank = rows * row_tokens * t.grad_accum_steps
     # The causal attention term as the trainer's `mfu` counts it, for rows that are one document
     # each: the most attention work a row can hold (packed shorter documents do less).
     attention = attention_flops_per_pair(m.config) * causal_pairs(seq) / seq
     # Checkpointing recomputes each layer's forward in backward: 2N more FLOPs (and a third of
     # the attention term) the GPU spends, which MFU (model FLOPs) does not credit.
     recompute = 2.0 * m.matmul_params + attention / 3 if cfg.model.gradient_checkpointing else 0.0
+    # DPO's reference forward (adapter or model): a forward, which MFU does not credit either.
+    reference = 2.0 * m.matmul_params + attention / 3 if reference_forward_each_micro_batch(cfg) else 0.0
     model_flops = m.flops_per_token + attention
-    step_s = tokens_per_rank * (model_flops + recompute) / (peak * cfg.plan.mfu)
+    step_s = tokens_per_rank * (model_flops + recompute + reference) / (peak * cfg.plan.mfu)
     return {
         "gpu": cfg.cluster.gpu, "peak_tflops": peak / 1e12, "mfu": cfg.plan.mfu,
         "flops_per_token": model_flops, "matmul_flops_per_token": m.flops_per_token,
         "attention_flops_per_token": attention, "recompute_flops_per_token": recompute,
+        "reference_flops_per_token": reference,
         "tokens_per_step": tokens_per_rank * world, "step_time_s": step_s,
         "tokens_per_s": tokens_per_rank * world / step_s, "tokens_per_s_per_gpu": tokens_per_rank / step_s,
     }
@@ -203,6 +262,8 @@ def make_plan(cfg: FtdistConfig, m: ModelState | None = None) -> dict:
         "gpus_per_node": cfg.cluster.gpus_per_node,
         "strategy": strategy_class(cfg.strategy).describe(cfg),
         "peft": cfg.peft.method,
+        "objective": {"name": cfg.objective.name, "reference": dpo_reference(cfg),
+                      "reference_model": reference_model_use(cfg)},
         "params": {"total": m.census.total, "trainable": m.trainable, "adapter": m.census.adapter},
         "breakdown_gb": {k: v / GIB for k, v in mem["gpu"].items()},
         "cpu_per_rank_gb": mem["cpu"] / GIB,
@@ -210,6 +271,7 @@ def make_plan(cfg: FtdistConfig, m: ModelState | None = None) -> dict:
                            "no_checkpointing": activations(cfg, m, False) / GIB},
         "speed": speed(cfg, m, mem["world"]),
         "suggestion": None if gpu_ok and cpu_ok else suggest(cfg, m),
+        "reference_pass_gb": mem["reference_pass"] / GIB,
         "loading": {"host_per_node_gb": load["host_per_node"] / GIB, "host_rank0_gb": load["host_rank0"] / GIB,
                     "host_other_rank_gb": load["host_other_rank"] / GIB, "gpu_gb": load["gpu"] / GIB,
                     "how": load["note"]},
@@ -223,6 +285,7 @@ NOTES = {
     "parameters": "base weights as stored (4-bit packed 2 per byte under QLoRA)",
     "lora": "adapter weights (fp32 where peft keeps them so)",
     "quant_constants": "NF4 absmax (8-bit / 64 weights) + fp32 scale / 256 absmaxes + code tables; not sharded",
+    "reference": "",
     "gradients": "trained parameters only",
     "optimizer": "AdamW m, v (+ fp32 master under DeepSpeed)",
     "activations": "saved for backward + logits and fp32 loss",
@@ -231,26 +294,62 @@ NOTES = {
 }
 
 
-def report(cfg: FtdistConfig, plan: dict) -> str:
+REFERENCE_NOTES = {
+    "adapter": "none: the policy with its adapters disabled (its logits: activations)",
+    "model": "frozen copy of the base, no adapters, placed as the strategy places the policy's weights",
+    "precomputed": "none while training: log-probs computed in a pass before it",
+}
+
+
+def describe_objective(cfg: FtdistConfig, plan: dict) -> str:
+    o = plan["objective"]
+    if o["reference"] is None:
+        return f"objective {o['name']}" + ("" if o["name"] == "sft" else " (no reference model)")
+    path = cfg.objective.reference_path
+    source = f" ({path})" if path and o["reference_model"] else ""
+    return f"objective {o['name']}, reference {o['reference']}{source}"
+
+
+def describe_batch(cfg: FtdistConfig) -> str:
     t, d = cfg.train, cfg.data
-    sp = plan["speed"]
+    rows, row_tokens = micro_batch_shape(cfg)
+    kind = "packed" if d.packing else "padded, at most"
+    if d.format != "preference":
+        micro = f"micro {rows} x {row_tokens} tokens ({kind})"
+    elif d.packing:
+        micro = f"micro {rows} x {row_tokens} tokens (packed rows of whole chosen/rejected pairs)"
+    else:
+        micro = f"micro {t.micro_batch_size} pairs = {rows} rows (chosen, rejected) x {row_tokens} tokens ({kind})"
     ckpt = "on" if cfg.model.gradient_checkpointing else "off"
+    return f"batch: {micro}, accum {t.grad_accum_steps}, activation checkpointing {ckpt}"
+
+
+def report(cfg: FtdistConfig, plan: dict) -> str:
+    d = cfg.data
+    sp = plan["speed"]
+    mode = plan["objective"]["reference"]
     lines = [
         (f"ftdist plan: {plan['experiment']} on {plan['nodes']} node(s) x {plan['gpus_per_node']} {cfg.cluster.gpu} "
         f"of {cfg.cluster.gpu_mem_gb:g} GiB = {plan['world_size']} GPUs; strategy {plan['strategy']}, "
-        f"peft {plan['peft']}"),
+        f"peft {plan['peft']}; {describe_objective(cfg, plan)}"),
         f"parameters: {plan['params']['total']:,} total, {plan['params']['trainable']:,} trained",
-        (f"batch: micro {t.micro_batch_size} x {d.max_seq_len} tokens ({'packed' if d.packing else 'padded, at most'}), "
-        f"accum {t.grad_accum_steps}, activation checkpointing {ckpt}"),
+        describe_batch(cfg),
         *[f"sharding: {n}" for n in plan["layout"]],
         "memory per GPU (GiB):",
     ]
-    notes = {**NOTES, "communication": plan["communication"]}
+    notes = {**NOTES, "communication": plan["communication"], "reference": REFERENCE_NOTES.get(mode, "")}
+    if reference_forward_each_micro_batch(cfg):
+        notes["activations"] += ", and the reference forward's logits and fp32 log-softmax"
     for part, gib in plan["breakdown_gb"].items():
-        lines.append(f"  {part:<16}{gib:8.2f}   {notes[part]}")
+        if part != "reference" or mode is not None:
+            lines.append(f"  {part:<16}{gib:8.2f}   {notes[part]}")
     lines.append(f"  {'total':<16}{plan['per_gpu_gb']:8.2f}   of {cfg.cluster.gpu_mem_gb:g}")
     acts = plan["activations_gb"]
     lines.append(f"  activations with checkpointing {acts['checkpointing']:.2f}, without {acts['no_checkpointing']:.2f}")
+    if mode == "precomputed":
+        held = f"the reference model of {cfg.objective.reference_path}, " if plan["objective"]["reference_model"] else ""
+        lines.append(f"reference pass before training: GPU peak {plan['reference_pass_gb']:.2f} GiB per GPU (training "
+                     f"state less activations, {held}no-grad logits of {cfg.train.eval_batch_size} pairs)")
     if plan["cpu_per_rank_gb"]:
         lines.append(f"CPU memory: {plan['cpu_per_node_gb']:.1f} GiB per node of {cfg.cluster.cpu_mem_gb:g} "
                      "(cluster.cpu_mem_gb) for offloaded state")
@@ -273,6 +372,7 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
         f"{sp['flops_per_token'] / 1e9:.1f} GFLOP/token (6N trained, 4N frozen, "
         f"+ {sp['attention_flops_per_token'] / 1e9:.1f} causal attention over whole {d.max_seq_len}-token rows)"
         + (f" + {sp['recompute_flops_per_token'] / 1e9:.1f} recomputed" if sp["recompute_flops_per_token"] else "")
+        + (f" + {sp['reference_flops_per_token'] / 1e9:.1f} reference forward" if sp["reference_flops_per_token"] else "")
     )
     lines.append("assumptions: bf16 compute on the GPU (unless train.mixed_precision=none with model.dtype=fp32); "
                  "memory in GiB (a GPU sold as 80 GB holds 80 GiB); DeepSpeed bucket sizes are its defaults; "
@@ -292,8 +392,8 @@ def predicted_model_state(
     cfg: FtdistConfig, world: int, m: ModelState | None = None, rank: int | None = None
 ) -> dict[str, float]:
     """The plan's per-rank bytes of what tests/memory_probe.py's measure_model_state counts
-    (parameters include adapters), in GPU and CPU memory together: offloaded state is still this
-    rank's."""
+    (parameters include adapters; DPO's frozen reference model apart), in GPU and CPU memory
+    together: offloaded state is still this rank's."""
     m = m or model_state(cfg)
     c = _on_one_node(cfg, world)
     mem = memory(c, m, rank)
@@ -302,7 +402,7 @@ def predicted_model_state(
         return mem["gpu"][part] + mem["cpu_parts"].get(part, 0.0)
 
     return {"parameters": held("parameters") + held("lora"), "gradients": held("gradients"),
-            "optimizer": held("optimizer"), "quant_constants": held("quant_constants")}
+            "optimizer": held("optimizer"), "quant_constants": held("quant_constants"), "reference": held("reference")}
 
 
 # --- command line -----------------------------------------------------------------------------

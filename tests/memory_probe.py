@@ -97,3 +97,11 @@ def measure_loaded(model: torch.nn.Module) -> int:
     tensors hold nothing), before the strategy shards it."""
     seen: set = set()
     return _add([p for p in model.parameters() if not p.is_meta], seen) + _add(_quant_tensors(model), seen)
+
+
+def measure_frozen(model: torch.nn.Module) -> int:
+    """Bytes this rank holds of a frozen model's parameters as the strategy placed it (DPO's
+    reference after prepare_frozen: FSDP2 DTensor shards, a DeepSpeed engine's ZeRO-3 partitions,
+    or a whole copy)."""
+    module = getattr(model, "module", model)  # DeepSpeed engine
+    return _add([getattr(p, "ds_tensor", p) for p in module.parameters()], set())

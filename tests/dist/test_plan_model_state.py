@@ -2,7 +2,9 @@
 gloo ranks holds after a training step (local storage: DDP replicas, FSDP2 DTensor shards,
 DeepSpeed ZeRO-3 partitions, bitsandbytes 4-bit storage and its quantization constants), and its
 bytes in memory just after loading equal what each rank holds then (FSDP: rank 0 the whole model,
-rank 1 nothing; FSDP + QLoRA: every rank the whole quantized base; DDP: every rank everything)."""
+rank 1 nothing; FSDP + QLoRA: every rank the whole quantized base; DDP: every rank everything).
+Under DPO with reference=model, the frozen reference's bytes on each rank equal the plan's too
+(FSDP2: half of it each), and rank 0 holds both whole models after loading."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ LAYOUTS = {
     "zero3_offload": ["strategy=zero3_offload"],  # partitions in CPU memory: counted where they are
     "fsdp_lora": ["strategy=fsdp", "peft=lora", "peft.dropout=0"],
     "fsdp_qlora": ["strategy=fsdp", "peft=qlora", "peft.dropout=0"],
+    # DPO's frozen reference, sharded 1/2 like the policy, loaded on rank 0 beside the policy.
+    "fsdp_dpo_reference_model": ["strategy=fsdp", "objective=dpo", "objective.reference=model", "data=preference",
+                                 "data.path=synthetic:json_preference", "data.max_seq_len=128"],
 }
 
 
@@ -52,6 +57,9 @@ def test_predicted_model_state_matches_each_rank(tmp_path, layout):
         if not layout.startswith("zero3"):  # on CPU, zero.Init's partitions are in the memory the plan calls the GPU's
             measured, predicted = record["measured"]["loaded"], record["predicted"]["loaded"]
             assert predicted == measured, (layout, "loaded", record)
+        if "reference" in layout:
+            measured, predicted = record["measured"]["reference"], record["predicted"]["reference"]
+            assert measured > 0 and predicted == measured, (layout, "reference", record)
     if layout.startswith("fsdp"):
         loaded = [r["measured"]["loaded"] for r in sorted(ranks, key=lambda r: r["rank"])]
         assert loaded[0] > 0 and (loaded[1] == loaded[0] if "qlora" in layout else loaded[1] == 0), loaded

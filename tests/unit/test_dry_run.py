@@ -232,10 +232,12 @@ def printed_memory(out: str) -> dict[str, str]:
     return dict(re.findall(r"^  (\w+)(?: GPU)?\s+(\d+\.\d\d)(?:\s|$)", out, re.MULTILINE))
 
 
-def test_plan_and_dry_run_print_the_same_per_rank_memory(monkeypatch, capsys):
+@pytest.mark.parametrize("objective", [[], ["objective=dpo", "data=preference", "data.path=x", "peft=none"]],
+                         ids=["sft", "dpo"])
+def test_plan_and_dry_run_print_the_same_per_rank_memory(monkeypatch, capsys, objective):
     # The same world size reached both ways: torchrun's WORLD_SIZE (one node of 4) for the dry
     # run, cluster.gpus_per_node for the planner.
-    overrides = ["+experiment=llama8b_lora_fsdp"]
+    overrides = ["+experiment=llama8b_lora_fsdp", *objective]
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -246,7 +248,8 @@ def test_plan_and_dry_run_print_the_same_per_rank_memory(monkeypatch, capsys):
     plan_printed = printed_memory(capsys.readouterr().out)
     assert dry["world_size"] == planned["world_size"] == 4
     parts = set(planned["breakdown_gb"])
-    assert set(dry_printed) == set(plan_printed) == parts | {"total"}
+    shown = parts if objective else parts - {"reference"}  # only DPO prints its reference's line
+    assert set(dry_printed) == set(plan_printed) == shown | {"total"}
     assert dry_printed == plan_printed
     assert {part: dry["memory_gib"][part] for part in parts} == planned["breakdown_gb"]
     assert dry["memory_gib"]["total_gpu"] == planned["per_gpu_gb"]

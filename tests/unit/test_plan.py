@@ -219,8 +219,10 @@ def test_plan_json_has_every_part(capsys):
     plan = main(["+experiment=tiny_cpu", "plan.json=true"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["fits"] is True and isinstance(printed["per_gpu_gb"], float)
-    assert set(plan["breakdown_gb"]) == {"parameters", "lora", "quant_constants", "gradients", "optimizer",
-                                         "activations", "communication", "workspace"}
+    assert set(plan["breakdown_gb"]) == {"parameters", "lora", "quant_constants", "reference", "gradients",
+                                         "optimizer", "activations", "communication", "workspace"}
+    assert plan["breakdown_gb"]["reference"] == 0 and plan["objective"] == {"name": "sft", "reference": None,
+                                                                           "reference_model": None}
     assert plan["world_size"] == 1 and plan["breakdown_gb"]["workspace"] == 2.0
     assert plan["breakdown_gb"]["parameters"] * GIB == pytest.approx(plan["params"]["total"] * 4)
 
