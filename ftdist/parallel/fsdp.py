@@ -36,16 +36,18 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, offload: bool) -> int:
-    """fully_shard every decoder block, then the root; returns the number of FSDP units."""
+def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, offload: bool, frozen: bool = False) -> int:
+    """fully_shard every decoder block, then the root; returns the number of FSDP units. A frozen
+    model (no backward) reshards its root after forward too."""
     kwargs = {"mp_policy": mp, "reshard_after_forward": reshard}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     blocks = fsdp_units(model)
     for block in blocks:
         fully_shard(block, **kwargs)
-    # The root keeps its parameters gathered after forward: backward needs them right away.
-    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    # The root keeps its parameters gathered after forward: backward needs them right away. A
+    # frozen model never runs backward, so it would hold its root gathered for good.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": frozen})
     return len(blocks) + 1
 
 
@@ -104,17 +106,17 @@ class FSDPStrategy(DistributedStrategy):
         """Sharded like the policy (a frozen copy holds 1/world of the weights per rank); each
         unit is gathered for its forward and freed after it."""
         model.requires_grad_(False)
-        self._shard(model, bf16, reshard=True)
+        self._shard(model, bf16, reshard=True, frozen=True)
         return model.eval()
 
-    def _shard(self, model, bf16: bool, reshard: bool) -> int:
+    def _shard(self, model, bf16: bool, reshard: bool, frozen: bool = False) -> int:
         """fully_shard `model` and fill every rank's shards; returns the number of FSDP units."""
         # bf16 compute, fp32 gradient reduction: summing over ranks in bf16 loses precision.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         deferred = not self._has_quantized(model)  # as load_model decided: see loads_on_rank0_only
         full = model.state_dict() if self.is_main and deferred else {}
         ties = tied_parameters(model)
-        units = apply_fsdp(model, mp, reshard, self.cfg.cpu_offload)
+        units = apply_fsdp(model, mp, reshard, self.cfg.cpu_offload, frozen)
         if deferred:
             # Rank 0 holds the loaded weights; everyone else's shards are filled from them.
             set_model_state_dict(

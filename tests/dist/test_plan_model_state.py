@@ -60,6 +60,8 @@ def test_predicted_model_state_matches_each_rank(tmp_path, layout):
         if "reference" in layout:
             measured, predicted = record["measured"]["reference"], record["predicted"]["reference"]
             assert measured > 0 and predicted == measured, (layout, "reference", record)
+            # A frozen model never runs backward: after a step its root is resharded like its blocks.
+            assert record["measured"]["reference_after_step"] == measured, (layout, "reference after a step", record)
     if layout.startswith("fsdp"):
         loaded = [r["measured"]["loaded"] for r in sorted(ranks, key=lambda r: r["rank"])]
         assert loaded[0] > 0 and (loaded[1] == loaded[0] if "qlora" in layout else loaded[1] == 0), loaded
