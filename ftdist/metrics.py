@@ -152,14 +152,21 @@ class TrainFlops:
 
     per_token: float  # matmul FLOPs per real token
     per_attention_pair: float  # attention FLOPs per causal (query, key) pair
+    forward_per_token: float = 0.0  # matmul FLOPs per token of a forward alone (2N)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> TrainFlops:
-        return cls(train_flops_per_token(model), attention_flops_per_pair(model.config))
+        return cls(train_flops_per_token(model), attention_flops_per_pair(model.config), 2.0 * matmul_params(model))
 
     def step(self, document_lengths: Iterable[int]) -> float:
         lengths = [int(n) for n in document_lengths]
         return self.per_token * sum(lengths) + self.per_attention_pair * sum(causal_pairs(n) for n in lengths)
+
+    def forward(self, document_lengths: Iterable[int]) -> float:
+        """A no-grad forward over the same documents (DPO's reference): a third of the attention
+        term (the forward's QK^T and AV), 2N per token."""
+        lengths = [int(n) for n in document_lengths]
+        return self.forward_per_token * sum(lengths) + self.per_attention_pair / 3 * sum(causal_pairs(n) for n in lengths)
 
 
 def mfu(flops: float, seconds: float, world_size: int, peak_flops_per_device: float | None) -> float | None:

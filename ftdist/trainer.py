@@ -134,13 +134,14 @@ class Trainer:
         """Accumulate this rank's gradients for one global batch; returns global totals (and
         the objective's train metrics)."""
         strategy, objective = self.strategy, self.objective
+        forwards = getattr(objective, "reference_forwards", 0)  # no-grad forwards beyond the trained one
         count, tokens, slots, documents, flops = strategy.all_reduce_sum(
             [
                 sum(objective.loss_count(b) for b in batches),
                 sum(b.num_tokens for b in batches),
                 sum(b.slots for b in batches),
                 sum(b.num_documents for b in batches),
-                sum(self.flops.step(b.document_lengths) for b in batches),
+                sum(self.flops.step(b.document_lengths) + forwards * self.flops.forward(b.document_lengths) for b in batches),
             ]
         )
         # A global batch with nothing to learn contributes no gradient; avoid dividing by zero.

@@ -98,6 +98,9 @@ class Objective(Protocol):
 
     # Whether train.py loads a second, frozen model for this objective (DPO's reference=model).
     loads_reference_model: bool
+    # No-grad forwards over each micro-batch beyond the trained one (DPO's live reference): the
+    # step's FLOPs (MFU) count them.
+    reference_forwards: int
 
     def setup(self, ctx: TrainingContext) -> None:
         """Bind to the prepared model before the first step (and before a checkpoint loads)."""

@@ -40,6 +40,7 @@ class DPOObjective(PreferenceObjective):
         self.loads_reference_model = self.mode == "model" or (
             self.mode == "precomputed" and cfg.objective.reference_path is not None)
         self.reference_forward = None  # batch -> the reference's logits; None once all are precomputed
+        self.reference_forwards = 0 if self.mode == "precomputed" else 1
 
     def setup(self, ctx: TrainingContext) -> None:
         super().setup(ctx)

@@ -117,6 +117,7 @@ class PreferenceObjective:
     task_metric = "eval_rewards/accuracies"
     sum_keys: tuple[str, ...] = PAIR_METRICS
     loads_reference_model = False
+    reference_forwards = 0
 
     def __init__(self, cfg: FtdistConfig, tokenizer):
         self.cfg = cfg

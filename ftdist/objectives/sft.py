@@ -37,6 +37,7 @@ class SFTObjective:
     task_metric = "exact_match"
     sum_keys: tuple[str, ...] = ()
     loads_reference_model = False
+    reference_forwards = 0
 
     def __init__(self, cfg: FtdistConfig, tokenizer):
         self.cfg = cfg

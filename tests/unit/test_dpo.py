@@ -254,3 +254,21 @@ def test_eval_reports_means_over_validation_pairs(tmp_path, policy):
     assert record["eval_loss"] == pytest.approx(expected["loss"], rel=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert record[f"eval_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("mode", "forwards"), [("model", 1), ("precomputed", 0)])
+def test_step_flops_count_the_reference_forward(tmp_path, policy, mode, forwards):
+    """A live reference adds one forward (2N per token, a third of the attention term) to every
+    micro-batch's training FLOPs; a precomputed one adds nothing."""
+    from ftdist.metrics import causal_pairs, matmul_params
+
+    pairs = random_pairs(12, seed=19)
+    trainer = make_trainer(tmp_path, ObjectiveConfig(name="dpo", reference=mode), pairs, model=copy.deepcopy(policy),
+                           reference_model=copy.deepcopy(policy) if mode == "model" else None)
+    batches = trainer.step_batches(0)
+    lengths = [n for b in batches for n in b.document_lengths]
+    n = matmul_params(trainer.model)
+    attention = trainer.flops.per_attention_pair * sum(causal_pairs(x) for x in lengths)
+    train = 6 * n * sum(lengths) + attention
+    expected = train + forwards * (2 * n * sum(lengths) + attention / 3)
+    assert trainer.forward_backward(batches)["flops"] == pytest.approx(expected, rel=1e-9)
