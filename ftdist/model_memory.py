@@ -222,11 +222,13 @@ def reference_model_use(cfg: FtdistConfig) -> str | None:
 
 
 def reference_config(cfg: FtdistConfig) -> FtdistConfig:
-    """cfg as ftdist.train's load_reference_model loads the reference: the model's dtype and
-    architecture (a reference_path is sized as the policy's architecture: a checkpoint of the same
-    model), no adapters and so no 4-bit weights, nothing trained."""
+    """cfg as ftdist.train's load_reference_model loads the reference: the policy's starting base
+    (4-bit under qlora; its "parameters" part, adapters not counted), or objective.reference_path
+    as saved, with no quantization (sized as the policy's architecture: a checkpoint of the same
+    model). Nothing of it trains."""
     c = copy.deepcopy(cfg)
-    c.peft.method = "none"
+    if cfg.objective.reference_path is not None:
+        c.peft.method = "none"
     return c
 
 

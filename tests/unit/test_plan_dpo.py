@@ -76,13 +76,17 @@ def test_reference_model_needs_the_base_weights_over_its_shards_more_than_adapte
         assert model["breakdown_gb"][part] == adapter["breakdown_gb"][part], part
 
 
-def test_qlora_reference_model_is_a_full_precision_base():
+def test_qlora_reference_model_is_the_policys_4bit_base(tmp_path):
     common = [*PAIRS, "peft=qlora", "strategy=fsdp", "cluster.gpus_per_node=2", "objective=dpo"]
     model, _ = planned(*common, "objective.reference=model")
     adapter, _ = planned(*common, "objective.reference=adapter")
-    assert gpu_bytes(model, "reference") == model["params"]["total"] * 4 / 2  # fp32 tiny, not 4-bit
-    assert gpu_bytes(model, "reference") > 4 * gpu_bytes(model, "parameters")
+    assert gpu_bytes(model, "reference") == gpu_bytes(model, "parameters")  # the same packed base, sharded alike
     assert gpu_bytes(adapter, "reference") == 0
+    # A reference_path loads as saved: full precision, not quantized.
+    saved = tmp_path / "ref"
+    saved.mkdir()
+    other, _ = planned(*common, "objective.reference=model", f"objective.reference_path={saved}")
+    assert gpu_bytes(other, "reference") == other["params"]["total"] * 4 / 2  # fp32 tiny, sharded 1/2
 
 
 def test_reference_model_loads_beside_the_policy_where_fsdp_holds_it_in_host_memory():
