@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
+from ftdist.data.example import Example
 from ftdist.data.loader import Batch, collate
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.preference import Pair
@@ -149,12 +150,8 @@ class PreferenceObjective:
 
     def padding_batch(self) -> PairBatch:
         """One pair of one-token sequences with no label: a forward with nothing to learn."""
-        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long)
-        masked = [IGNORE_INDEX]
-        from ftdist.data.example import Example
-
-        pair = Pair(Example(ids[0].tolist(), masked), Example(ids[0].tolist(), masked))
-        return collate_pairs([[pair]], self.pad_token_id, packed=False)
+        sequence = Example([self.pad_token_id], [IGNORE_INDEX])
+        return collate_pairs([[Pair(sequence, sequence)]], self.pad_token_id, packed=False)
 
     # --- loss -----------------------------------------------------------------------------
 

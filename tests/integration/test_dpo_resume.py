@@ -32,6 +32,7 @@ def test_precomputed_reference_resumes_exactly_and_refuses_a_stale_cache(tmp_pat
     assert b_eval[-1]["eval_loss"] == a_eval[-1]["eval_loss"]
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["eval_rewards/accuracies_after"] > 0.0
+    assert (stopped / "final" / "model.safetensors").is_file() and (stopped / "final" / "config.json").is_file()
 
     # The same cache file for other pairs: refused with what differs, never used or overwritten.
     other = run_train([*BASE, "data.num_synthetic_rows=60", f"objective.reference_cache={cache}",
