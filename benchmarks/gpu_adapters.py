@@ -1,10 +1,19 @@
 """LoRA and QLoRA on one GPU: Llama-3.1-8B architecture, random init, packed 2048-token rows.
 
-    python benchmarks/gpu_adapters.py [--methods lora,qlora] [--strategy fsdp|single]
+    python benchmarks/gpu_adapters.py [--methods lora,qlora] [--strategy fsdp|single] [--objective sft|dpo]
                                       [--seq-len 2048] [--micro 2] [--warmup-steps 3] [--steps 5]
     python benchmarks/gpu_adapters.py --tiny       # the same code on CPU with a small config
 
 Prints one JSON object: per method, real tokens/s, MFU, peak memory and model load time.
+
+--objective dpo trains DPO (sigmoid loss, beta 0.1) on random preference pairs instead: a
+shared prompt and two responses of different lengths (synthetic_pairs), labels on the
+responses, whole pairs packed into rows of 2 x --seq-len as data.packing packs them. The
+reference is the policy with its adapters disabled (objective.reference=adapter), so QLoRA
+holds one 4-bit base. Its FLOPs per token add the reference's forward (2N); pairs/s and
+the loss of step 1 are reported too. That loss must be ln 2: the adapters start as the identity
+(LoRA's B is zero), so policy and reference agree and every pair's margin is 0. Anything else
+means the reference is not the policy's base.
 
 What runs is ftdist's own code wherever a random-init model allows it: the architecture's
 config (ftdist.model.architectures), the attention backend choice, the bitsandbytes config of
@@ -47,6 +56,8 @@ TINY_OVERRIDES = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
 }
 RESULT_MARKER = "GPU_ADAPTERS_RESULT "
+# DPO's loss when policy and reference agree: -log sigmoid(0).
+DPO_LOSS_AT_START = 0.6931471805599453
 
 
 def model_config(tiny: bool):
@@ -129,6 +140,50 @@ def synthetic_examples(rows: int, seq_len: int, vocab: int, seed: int = 0) -> li
     return out
 
 
+def synthetic_pairs(rows: int, seq_len: int, vocab: int, seed: int = 0) -> list:
+    """Preference pairs filling about `rows` packed rows of 2 x seq_len: a prompt of
+    seq_len/16..seq_len/4 tokens shared by two responses of seq_len/16..seq_len/2 tokens and
+    different lengths (about two pairs a row); labels on the responses only, as
+    ftdist.data.preference encodes a pair."""
+    from ftdist.data.preference import Pair
+    from ftdist.data.prepare import Example
+
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(10, vocab, (n,), generator=g).tolist()
+    out, total = [], 0
+    while total < rows * 2 * seq_len * 1.3:  # enough for `rows` nearly full packed rows
+        prompt = tokens(rng.randint(seq_len // 16, seq_len // 4))
+        lengths = rng.sample(range(seq_len // 16, seq_len // 2 + 1), 2)  # distinct
+        chosen, rejected = (
+            Example(prompt + ids, [-100] * len(prompt) + ids, list(prompt)) for ids in map(tokens, lengths)
+        )
+        out.append(Pair(chosen, rejected))
+        total += len(out[-1])
+    return out
+
+
+def dpo_figures(records: list[dict], timed: list[dict], seconds: float, seq_len: int, micro: int) -> dict:
+    """What a DPO run reports beyond the SFT figures: pairs/s, and the loss of step 1 against ln 2."""
+    pairs = sum(r["pairs"] for r in timed)
+    # Against full rows, not the trainer's packing_efficiency: a micro-batch of one row has no
+    # padding however short the row.
+    slots = len(timed) * micro * 2 * seq_len
+    first = records[0]["loss"]
+    return {
+        "objective": "dpo",
+        "reference": "adapter (the policy with its adapters disabled)",
+        "packed_row_len": 2 * seq_len,
+        "pairs_timed": int(pairs),
+        "pairs_per_s": round(pairs / seconds, 2),
+        "row_fill": round(sum(r["tokens"] for r in timed) / slots, 4),
+        "loss_step1": round(first, 6),
+        "loss_step1_minus_ln2": float(f"{first - DPO_LOSS_AT_START:.3g}"),
+        "rewards_margin_last": round(records[-1]["rewards/margins"], 4),
+        "rewards_accuracy_last": round(records[-1]["rewards/accuracies"], 4),
+    }
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,16 +191,30 @@ def sync(device: torch.device) -> None:
 
 def run_one(args) -> dict:
     """One method under one strategy, in this process; returns its result record."""
-    from ftdist.config import DataConfig, FtdistConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig
+    from ftdist.config import (
+        DataConfig,
+        FtdistConfig,
+        ModelConfig,
+        ObjectiveConfig,
+        PeftConfig,
+        StrategyConfig,
+        TrainConfig,
+    )
     from ftdist.parallel import build_strategy
     from ftdist.trainer import Trainer
 
     t_start = time.perf_counter()
+    dpo = args.objective == "dpo"
     cfg = FtdistConfig(
         model=ModelConfig(
             architecture=ARCHITECTURE, dtype="bf16", attn_implementation=args.attn, gradient_checkpointing=True
         ),
-        data=DataConfig(path="synthetic:random-tokens", max_seq_len=args.seq_len, packing=True, val_fraction=0.0),
+        data=DataConfig(
+            path="synthetic:random-tokens", format="preference" if dpo else "instruction",
+            max_seq_len=args.seq_len, packing=True, val_fraction=0.0,
+        ),
+        # Explicit rather than auto: what is measured is the adapter-disabled reference.
+        objective=ObjectiveConfig(name="dpo", reference="adapter") if dpo else ObjectiveConfig(),
         peft=PeftConfig(method=args.child),
         strategy=StrategyConfig(name=args.strategy),
         train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, warmup_steps=0, progress_bar=False, max_steps=10**6),
@@ -166,7 +235,8 @@ def run_one(args) -> dict:
         total_params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         steps = args.warmup_steps + args.steps
-        examples = synthetic_examples(steps * args.micro + args.micro, args.seq_len, model.config.vocab_size)
+        make_examples = synthetic_pairs if dpo else synthetic_examples
+        examples = make_examples(steps * args.micro + args.micro, args.seq_len, model.config.vocab_size)
         tokenizer = SimpleNamespace(pad_token_id=0)  # collation needs nothing else
         t0 = time.perf_counter()
         trainer = Trainer(cfg, strategy, model, tokenizer, examples, [], Path(cfg.output_dir))
@@ -183,15 +253,26 @@ def run_one(args) -> dict:
             sync(device)
             record["wall_s"] = time.perf_counter() - t0
             records.append(record)
+            pairs = f" ({record['pairs']} pairs)" if dpo else ""
             print(
                 f"[{args.child}/{args.strategy}] step {i + 1}/{steps}{' (warm-up)' if i < args.warmup_steps else ''}: "
-                f"loss {record['loss']:.4f}, {record['tokens']} tokens in {record['wall_s']:.3f} s",
+                f"loss {record['loss']:.4f}, {record['tokens']} tokens{pairs} in {record['wall_s']:.3f} s",
                 file=sys.stderr, flush=True,
             )
         timed = records[args.warmup_steps :]
         tokens = sum(r["tokens"] for r in timed)
         seconds = sum(r["wall_s"] for r in timed)
         tokens_per_s = tokens / seconds
+        # DPO's no-grad reference forward is model FLOPs too (2N a token), as ftdist.metrics counts it.
+        reference_forwards = getattr(trainer.objective, "reference_forwards", 0)
+        flops_per_token = trainer.flops_per_token + reference_forwards * trainer.flops.forward_per_token
+        if dpo:
+            first = records[0]["loss"]
+            print(
+                f"[{args.child}/{args.strategy}] DPO step 1 loss {first:.6f}, ln 2 = {DPO_LOSS_AT_START:.6f} "
+                f"(policy = reference at step 1): difference {first - DPO_LOSS_AT_START:.2e}",
+                file=sys.stderr, flush=True,
+            )
         return {
             "method": args.child,
             "strategy": args.strategy,
@@ -210,10 +291,10 @@ def run_one(args) -> dict:
             "timed_steps": len(timed),
             "tokens_timed": int(tokens),
             "tokens_per_s": round(tokens_per_s, 1),
-            "flops_per_token": trainer.flops_per_token,
+            "flops_per_token": flops_per_token,
             "peak_flops_used": trainer.peak_flops,
             "mfu": None if trainer.peak_flops is None  # a GPU without a known peak: no guessed MFU
-            else round(trainer.flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
+            else round(flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
             "step_s": [round(r["wall_s"], 3) for r in timed],
             "loss_first_last": [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)],
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
@@ -223,6 +304,7 @@ def run_one(args) -> dict:
             "model_load_s": round(build_s, 2),
             "strategy_prepare_s": round(prepare_s, 2),
             "process_s": round(time.perf_counter() - t_start, 1),
+            **(dpo_figures(records, timed, seconds, args.seq_len, args.micro) if dpo else {}),
         }
     finally:
         strategy.shutdown()
@@ -241,7 +323,8 @@ def run_child(method: str, strategy: str, args, timeout: float) -> dict:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", method, "--strategy", strategy,
         "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--warmup-steps", str(args.warmup_steps),
-        "--steps", str(args.steps), "--attn", args.attn, *(["--tiny"] if args.tiny else []),
+        "--steps", str(args.steps), "--attn", args.attn, "--objective", args.objective,
+        *(["--tiny"] if args.tiny else []),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -265,6 +348,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="fsdp", choices=["fsdp", "single"])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch (one per step)")
+    parser.add_argument("--objective", default="sft", choices=["sft", "dpo"],
+                        help="dpo: random preference pairs, packed into rows of 2 x --seq-len, adapter reference")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--attn", default="sdpa", help="model.attn_implementation (sdpa: per-document sdpa)")

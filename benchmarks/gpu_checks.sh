@@ -8,9 +8,18 @@
 #      window per packed document), test_qlora_loading.py (FSDP+QLoRA loading into CPU memory))
 #   4. benchmarks/packing.py on the GPU, sdpa then flex_attention (bucketed padded baseline, warmed shapes)
 #   5. benchmarks/gpu_adapters.py: Llama-3.1-8B LoRA and QLoRA on one GPU
-# Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (6 files):
+#   6. benchmarks/gpu_adapters.py --objective dpo --methods qlora: DPO QLoRA on Llama-3.1-8B, the
+#      reference being the policy with its adapters disabled (never yet run on a GPU): tokens/s,
+#      pairs/s, MFU, peak memory, and the loss of step 1, which must be ln 2 (0.693147) up to
+#      bf16 noise. A step is one 4096-token row of packed pairs: as many token slots as step 5's
+#      2 rows of 2048, so the two runs' tokens/s and memory compare.
+# DPO's other checks are CPU tests, run by the ordinary suite and not here: tests/unit/test_dpo.py,
+# test_dpo_trl_parity.py, test_objectives.py, test_preference_data.py, test_plan_dpo.py,
+# tests/dist/test_dpo_strategies.py, test_dpo_self_instruct.py (gloo), tests/integration/
+# test_dpo_demo.py, test_dpo_resume.py.
+# Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (7 files):
 # gpu_checks.log (everything), env.txt, pytest.log, packing_sdpa.json, packing_flex.json,
-# gpu_adapters.json. Needs .whl/ and .data/ (the packing mix) carried into the repo root.
+# gpu_adapters.json, gpu_dpo.json. Needs .whl/ and .data/ (the packing mix) carried into the repo root.
 #
 #   bash benchmarks/gpu_checks.sh
 
@@ -39,6 +48,10 @@ budget() {
 }
 
 step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
+
+# Planned shares: pytest 200, packing 45 + 75, LoRA/QLoRA 150, DPO 90 = 560 s, leaving about 20 s
+# of TOTAL_S for the wheels and the environment. Each reserve is the later shares less a little
+# slack, which the last steps can spare when the earlier ones finish early (they mostly do).
 
 step "install wheels into /tmp/site"
 wheels=()
@@ -81,27 +94,33 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 step "pytest -m gpu tests/gpu"
-t=$(budget 230 330)
+t=$(budget 200 340)
 FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log"
 echo "pytest: rc ${PIPESTATUS[0]} (timeout ${t} s)"
 
 step "packing benchmark, sdpa"
-t=$(budget 60 270)
+t=$(budget 45 295)
 timeout -k 5 "$t" python3 benchmarks/packing.py --steps 12 --attn sdpa --pad-to bucket --bucket 256 \
     > "$OUT/packing_sdpa.json"
 echo "packing sdpa: rc $? (timeout ${t} s)"
 
 step "packing benchmark, flex_attention"
-t=$(budget 100 170)
+t=$(budget 75 220)
 timeout -k 5 "$t" python3 benchmarks/packing.py --steps 12 --attn flex_attention --pad-to bucket --bucket 256 \
     > "$OUT/packing_flex.json"
 echo "packing flex: rc $? (timeout ${t} s)"
 
 step "LoRA / QLoRA on Llama-3.1-8B"
-t=$(budget 200 0)
+t=$(budget 150 85)
 timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --budget-s $((t - 10)) > "$OUT/gpu_adapters.json"
 echo "gpu_adapters: rc $? (timeout ${t} s)"
+
+step "DPO QLoRA on Llama-3.1-8B"
+t=$(budget 90 0)
+timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --objective dpo --methods qlora --micro 1 \
+    --budget-s $((t - 10)) > "$OUT/gpu_dpo.json"
+echo "gpu_dpo: rc $? (timeout ${t} s)"
 
 step "summary"
 python3 - "$OUT" <<'EOF'
@@ -111,9 +130,10 @@ out = Path(sys.argv[1])
 keep_packing = ("device", "attn_implementation", "pad_to", "distinct_shapes", "warmup_s", "dynamo_unique_graphs",
                 "padded_tokens_per_s", "packed_tokens_per_s", "padded_slot_efficiency", "packed_slot_efficiency",
                 "throughput_ratio_packed_over_padded", "step_s")
-keep_adapters = ("method", "strategy", "tokens_per_s", "mfu", "peak_flops_used", "peak_mem_gb", "load_peak_mem_gb",
-                 "model_load_s", "strategy_prepare_s", "step_s", "loss_first_last", "error")
-for name in ("packing_sdpa.json", "packing_flex.json", "gpu_adapters.json"):
+keep_adapters = ("method", "strategy", "objective", "tokens_per_s", "pairs_per_s", "mfu", "peak_flops_used",
+                 "peak_mem_gb", "load_peak_mem_gb", "model_load_s", "strategy_prepare_s", "step_s", "loss_first_last",
+                 "loss_step1", "loss_step1_minus_ln2", "row_fill", "error")  # DPO's only in gpu_dpo.json
+for name in ("packing_sdpa.json", "packing_flex.json", "gpu_adapters.json", "gpu_dpo.json"):
     path = out / name
     try:
         data = json.loads(path.read_text())
