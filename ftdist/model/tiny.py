@@ -5,6 +5,10 @@ tokenizer with a chat template), so everything downstream goes through the same
 `from_pretrained` path as a real model. Concurrent builders (torchrun ranks, parallel tests)
 each write a private temp directory and rename it into place; the first rename wins and the
 others discard theirs, so all readers see one complete directory.
+
+A spec with `sft_task` is warm-started before it is saved: a short supervised fine-tuning run on
+that synthetic task (`warm_start`), so a preference demo can start from a model that already
+writes the task's format.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +29,8 @@ import torch
 from ftdist.config import TinyModelSpec
 from ftdist.data import synthetic
 from ftdist.data.synthetic import tokenizer_corpus
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -42,11 +49,21 @@ def cache_root() -> Path:
 
 def spec_dir(spec: TinyModelSpec) -> Path:
     # The key covers the spec and the code that builds from it (this module and the corpus the
-    # tokenizer learns from), so a changed build never reuses a stale cache entry.
+    # tokenizer learns from; for a warm start, also the code that turns rows into examples and
+    # losses), so a changed build never reuses a stale cache entry.
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
-    for source in (Path(__file__), Path(synthetic.__file__)):
+    for source in build_sources(spec):
         digest.update(source.read_bytes())
     return cache_root() / "tiny" / digest.hexdigest()[:16]
+
+
+def build_sources(spec: TinyModelSpec) -> list[Path]:
+    sources = [Path(__file__), Path(synthetic.__file__)]
+    if spec.sft_task is not None:
+        package = Path(synthetic.__file__).parents[1]
+        sources += [package / "data" / name for name in ("formats.py", "chat.py", "prepare.py", "loader.py")]
+        sources.append(package / "objectives" / "sft.py")
+    return sources
 
 
 def build_tokenizer(vocab_size: int):
@@ -134,9 +151,43 @@ def build_into(directory: Path, spec: TinyModelSpec) -> None:
         return
     tokenizer = build_tokenizer(spec.vocab_size)
     model = build_model(spec, tokenizer)
+    if spec.sft_task is not None:
+        warm_start(model, tokenizer, spec)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     missing = [name for name in MODEL_FILES if not (directory / name).is_file()]
     if missing:
         raise RuntimeError(f"tiny model build in {directory}: save_pretrained wrote no {', '.join(missing)}")
     (directory / "done").write_text("complete\n")
+
+
+WARM_START_SEQ_LEN = 128  # every synthetic task's examples fit; none is truncated
+WARM_START_WARMUP_STEPS = 20
+
+
+def warm_start(model, tokenizer, spec: TinyModelSpec) -> None:
+    """Train `model` in place for spec.sft_steps steps of SFT on synthetic:<spec.sft_task>, fp32
+    on the CPU in this process, each step on fresh rows, from seeds in `spec` alone."""
+    from ftdist.config import DataConfig
+    from ftdist.data.loader import collate
+    from ftdist.data.prepare import prepare_data
+    from ftdist.objectives.sft import sft_loss_sum
+
+    log.info("tiny model: warm start, %d steps of SFT on synthetic:%s (once, then cached)", spec.sft_steps,
+             spec.sft_task)
+    data = DataConfig(path=f"synthetic:{spec.sft_task}", max_seq_len=WARM_START_SEQ_LEN, val_fraction=0.0,
+                      num_synthetic_rows=spec.sft_steps * spec.sft_batch_size)
+    examples, _, _ = prepare_data(data, tokenizer, spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARM_START_WARMUP_STEPS))
+    model.train()
+    for start in range(0, len(examples), spec.sft_batch_size):
+        batch = collate(examples[start:start + spec.sft_batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = sft_loss_sum(logits, batch.labels) / batch.num_label_tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
