@@ -220,6 +220,12 @@ def report_summary(summary: dict) -> None:
             100 * summary["eval_rewards/accuracies_before"],
             100 * summary["eval_rewards/accuracies_after"],
         )
+    if "eval_logps/chosen_preferred_before" in summary:
+        log.info(
+            "held-out pairs whose chosen response the model finds likelier: %.1f%% -> %.1f%%",
+            100 * summary["eval_logps/chosen_preferred_before"],
+            100 * summary["eval_logps/chosen_preferred_after"],
+        )
     log.info("summary: %s", json.dumps(summary))
 
 

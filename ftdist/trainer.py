@@ -411,15 +411,22 @@ class Trainer:
         measure again, as plain floats (trainer.pt loads with weights_only=True): the base model's
         task metric (step 0; exact match for SFT), and the last train and eval losses so far."""
         carry = dict(self.carried)
-        task = self.objective.task_metric
-        at_start = [r for r in self.eval_history if r["step"] == 0 and task in r]
-        if at_start and f"{task}_before" not in carry:
-            carry[f"{task}_before"] = float(at_start[0][task])
+        for task in self.summary_metrics:
+            at_start = [r for r in self.eval_history if r["step"] == 0 and task in r]
+            if at_start and f"{task}_before" not in carry:
+                carry[f"{task}_before"] = float(at_start[0][task])
         if self.history:
             carry["final_loss"] = float(self.history[-1]["loss"])
         if self.eval_history:
             carry["final_eval_loss"] = float(self.eval_history[-1]["eval_loss"])
         return carry
+
+    @property
+    def summary_metrics(self) -> tuple[str, ...]:
+        """Eval metrics summary.json reports before (step 0) and after training: the objective's
+        task metric and any it adds (summary_extra_metrics)."""
+        task = self.objective.task_metric
+        return ((task,) if task else ()) + tuple(getattr(self.objective, "summary_extra_metrics", ()))
 
     def summary(self) -> dict:
         """The whole run's figures (earlier invocations' carried in checkpoints), but
@@ -434,12 +441,12 @@ class Trainer:
             out["mean_tokens_per_s"] = tokens / max(self.history[-1]["elapsed_s"], 1e-9)
         if "final_eval_loss" in carry:
             out["final_eval_loss"] = carry["final_eval_loss"]
-        task = self.objective.task_metric
-        measured = [r for r in self.eval_history if task in r]
-        after = measured[1:] if measured and measured[0]["step"] == 0 else measured  # [0]: "before"
-        if f"{task}_before" in carry and after:
-            out[f"{task}_before"] = carry[f"{task}_before"]
-            out[f"{task}_after"] = after[-1][task]
+        for task in self.summary_metrics:
+            measured = [r for r in self.eval_history if task in r]
+            after = measured[1:] if measured and measured[0]["step"] == 0 else measured  # [0]: "before"
+            if f"{task}_before" in carry and after:
+                out[f"{task}_before"] = carry[f"{task}_before"]
+                out[f"{task}_after"] = after[-1][task]
         return out
 
     def save_final(self) -> Path | None:

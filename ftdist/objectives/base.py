@@ -92,6 +92,7 @@ class Objective(Protocol):
     # The eval metric summary.json reports before and after training ("exact_match" for SFT:
     # exact_match_before/after), or None.
     task_metric: str | None
+    # Optional: summary_extra_metrics, further eval metrics reported before and after training.
     # Keys of ObjectiveLoss.sums, fixed up front: every rank all-reduces the same list, even a
     # rank that evaluates no batch.
     sum_keys: tuple[str, ...]

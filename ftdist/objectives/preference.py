@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 # The metrics TRL's preference trainers log, under the same names (means over the step's pairs).
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected")
+                "logps/rejected", "logps/chosen_preferred")
+# logps/chosen_preferred (not TRL's): the fraction of pairs whose chosen response the policy itself
+# finds likelier. Unlike DPO's reward accuracy (0 at step 0 by definition: the policy is its
+# reference) it measures the model before training too.
 
 
 @dataclasses.dataclass
@@ -116,6 +119,7 @@ class PreferenceObjective:
 
     name = "preference"
     task_metric = "eval_rewards/accuracies"
+    summary_extra_metrics = ("eval_logps/chosen_preferred",)
     sum_keys: tuple[str, ...] = PAIR_METRICS
     loads_reference_model = False
     reference_forwards = 0
@@ -170,6 +174,7 @@ class PreferenceObjective:
             stats = torch.stack([
                 chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
                 (chosen_rewards - rejected_rewards).sum(), logps[0::2].detach().sum(), logps[1::2].detach().sum(),
+                (logps[0::2] > logps[1::2]).float().sum(),
             ]).tolist()
         return ObjectiveLoss(losses.sum(), dict(zip(PAIR_METRICS, stats, strict=True)))
 
@@ -187,7 +192,8 @@ class PreferenceObjective:
 
     def describe_eval(self, record: dict) -> str:
         return (f"eval_loss {record['eval_loss']:.4f}, reward accuracy {record['eval_rewards/accuracies']:.1%}, "
-                f"margin {record['eval_rewards/margins']:.4f} over {record['eval_pairs']} pairs")
+                f"margin {record['eval_rewards/margins']:.4f}, chosen likelier {record['eval_logps/chosen_preferred']:.1%} "
+                f"over {record['eval_pairs']} pairs")
 
 
 def mean_token_logps(logps: torch.Tensor, batch: PairBatch) -> torch.Tensor:

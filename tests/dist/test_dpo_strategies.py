@@ -23,7 +23,7 @@ BASE = [
 ONE = ["train.micro_batch_size=2", "train.grad_accum_steps=2"]
 TWO = ["train.micro_batch_size=2", "train.grad_accum_steps=1"]
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
+           "logps/rejected", "logps/chosen_preferred")
 
 # name: (overrides, ranks, the one-process run it must equal)
 RUNS = {

@@ -32,6 +32,11 @@ def test_precomputed_reference_resumes_exactly_and_refuses_a_stale_cache(tmp_pat
     assert b_eval[-1]["eval_loss"] == a_eval[-1]["eval_loss"]
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["eval_rewards/accuracies_after"] > 0.0
+    # Both before/after figures, the step-0 ones carried across the resume in the checkpoint.
+    uninterrupted = json.loads((straight / "summary.json").read_text())
+    for key in ("eval_rewards/accuracies", "eval_logps/chosen_preferred"):
+        assert summary[f"{key}_before"] == uninterrupted[f"{key}_before"] == a_eval[0][key]
+        assert summary[f"{key}_after"] == uninterrupted[f"{key}_after"] == a_eval[-1][key]
     assert (stopped / "final" / "model.safetensors").is_file() and (stopped / "final" / "config.json").is_file()
 
     # The same cache file for other pairs: refused with what differs, never used or overwritten.

@@ -85,7 +85,7 @@ def by_hand(objective: ObjectiveConfig, policy, reference, pairs: list[Pair]) ->
     return {
         "loss": mean(0), "rewards/chosen": mean(1), "rewards/rejected": mean(2),
         "rewards/accuracies": sum(r[1] > r[2] for r in rows) / n, "rewards/margins": mean(1) - mean(2),
-        "logps/chosen": mean(3), "logps/rejected": mean(4),
+        "logps/chosen": mean(3), "logps/rejected": mean(4), "logps/chosen_preferred": sum(r[3] > r[4] for r in rows) / n,
     }
 
 
