@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -29,8 +28,6 @@ import torch
 from ftdist.config import TinyModelSpec
 from ftdist.data import synthetic
 from ftdist.data.synthetic import tokenizer_corpus
-
-log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -173,8 +170,10 @@ def warm_start(model, tokenizer, spec: TinyModelSpec) -> None:
     from ftdist.data.prepare import prepare_data
     from ftdist.objectives.sft import sft_loss_sum
 
-    log.info("tiny model: warm start, %d steps of SFT on synthetic:%s (once, then cached)", spec.sft_steps,
-             spec.sft_task)
+    # Straight to stderr: this runs while ftdist.train checks the model, before its logging is set
+    # up, and a silent minute or two on first use looks like a hang.
+    print(f"ftdist: building the tiny model: warm start, {spec.sft_steps} steps of SFT on synthetic:{spec.sft_task} "
+          f"(once, then cached under {cache_root()})", file=sys.stderr, flush=True)
     data = DataConfig(path=f"synthetic:{spec.sft_task}", max_seq_len=WARM_START_SEQ_LEN, val_fraction=0.0,
                       num_synthetic_rows=spec.sft_steps * spec.sft_batch_size)
     examples, _, _ = prepare_data(data, tokenizer, spec.seed)
