@@ -244,7 +244,7 @@ def compute_bytes(cfg: FtdistConfig) -> int:
 
 def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
     """Saved activations of one micro-batch, a rough count of the tensors autograd keeps, and its
-    logits (DPO's reference forward's too)."""
+    logits (DPO's reference forward's come and go before the policy's forward)."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
@@ -267,8 +267,7 @@ def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
         saved = layers * tokens * h * act + per_layer
     else:
         saved = layers * per_layer
-    # DPO's reference forward runs inside the loss, after the policy's forward and before its
-    # backward: its logits and their fp32 log-softmax live beside everything saved above. Its
-    # no-grad layers keep nothing; one layer's transient tensors are not counted.
-    logit_passes = 2 if reference_forward_each_micro_batch(cfg) else 1
-    return saved + logit_passes * tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
+    # DPO's reference forward runs first in the loss (ftdist.objectives.preference), under no_grad:
+    # its logits and their fp32 log-softmax are freed before the policy's forward saves anything,
+    # so its peak (the same logits, nothing saved) stays below the policy's and adds nothing.
+    return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)

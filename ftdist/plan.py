@@ -338,8 +338,6 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
         "memory per GPU (GiB):",
     ]
     notes = {**NOTES, "communication": plan["communication"], "reference": REFERENCE_NOTES.get(mode, "")}
-    if reference_forward_each_micro_batch(cfg):
-        notes["activations"] += ", and the reference forward's logits and fp32 log-softmax"
     for part, gib in plan["breakdown_gb"].items():
         if part != "reference" or mode is not None:
             lines.append(f"  {part:<16}{gib:8.2f}   {notes[part]}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ftdist.constants import IGNORE_INDEX
-from ftdist.objectives.base import Forward, TrainingContext
+from ftdist.objectives.base import TrainingContext
 from ftdist.objectives.preference import (
     PairBatch,
     PreferenceObjective,
@@ -71,7 +71,7 @@ class DPOObjective(PreferenceObjective):
         }[self.mode]
 
     @torch.no_grad()
-    def reference_logps(self, forward: Forward, batch: PairBatch) -> torch.Tensor:
+    def reference_logps(self, batch: PairBatch) -> torch.Tensor:
         if batch.reference_logps is not None:
             return batch.reference_logps
         if self.reference_forward is None:
@@ -80,9 +80,8 @@ class DPOObjective(PreferenceObjective):
             raise RuntimeError("dpo: a batch without precomputed reference log-probs and no reference forward")
         return sequence_logps(self.reference_forward(batch), batch)
 
-    def pair_losses(self, forward, batch, logps):
+    def pair_losses(self, batch, logps, reference):
         o = self.options
-        reference = self.reference_logps(forward, batch)
         ratios = logps - reference
         chosen, rejected = ratios[0::2], ratios[1::2]
         delta = chosen - rejected

@@ -162,13 +162,20 @@ class PreferenceObjective:
     def loss_count(self, batch: PairBatch) -> int:
         return batch.num_pairs
 
-    def pair_losses(self, forward: Forward, batch: PairBatch, logps: torch.Tensor):
+    def reference_logps(self, batch: PairBatch) -> torch.Tensor | None:
+        """[2P] reference log-probs, or None for a reference-free objective."""
+        return None
+
+    def pair_losses(self, batch: PairBatch, logps: torch.Tensor, reference: torch.Tensor | None):
         """(per-pair loss [P], chosen rewards [P], rejected rewards [P]) from the policy's [2P] log-probs."""
         raise NotImplementedError
 
     def loss(self, forward: Forward, batch: PairBatch) -> ObjectiveLoss:
+        # The reference's no-grad forward first: its logits are gone before the policy's forward
+        # saves anything for backward, so the two never take memory at once.
+        reference = self.reference_logps(batch)
         logps = sequence_logps(forward(batch), batch)
-        losses, chosen_rewards, rejected_rewards = self.pair_losses(forward, batch, logps)
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(batch, logps, reference)
         with torch.no_grad():
             chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
             stats = torch.stack([
@@ -206,7 +213,7 @@ class SimPOObjective(PreferenceObjective):
 
     name = "simpo"
 
-    def pair_losses(self, forward, batch, logps):
+    def pair_losses(self, batch, logps, reference):
         o = self.options
         mean = mean_token_logps(logps, batch)
         chosen, rejected = o.beta * mean[0::2], o.beta * mean[1::2]
@@ -225,7 +232,7 @@ class ORPOObjective(PreferenceObjective):
 
     name = "orpo"
 
-    def pair_losses(self, forward, batch, logps):
+    def pair_losses(self, batch, logps, reference):
         mean = mean_token_logps(logps, batch)
         chosen, rejected = mean[0::2], mean[1::2]
         log_odds = (chosen - log1m_exp(chosen)) - (rejected - log1m_exp(rejected))
