@@ -165,10 +165,12 @@ WARM_START_WARMUP_STEPS = 20
 def warm_start(model, tokenizer, spec: TinyModelSpec) -> None:
     """Train `model` in place for spec.sft_steps steps of SFT on synthetic:<spec.sft_task>, fp32
     on the CPU in this process, each step on fresh rows, from seeds in `spec` alone."""
+    import torch.nn.functional as F
+
     from ftdist.config import DataConfig
+    from ftdist.constants import IGNORE_INDEX
     from ftdist.data.loader import collate
     from ftdist.data.prepare import prepare_data
-    from ftdist.objectives.sft import sft_loss_sum
 
     # Straight to stderr: this runs while ftdist.train checks the model, before its logging is set
     # up, and a silent minute or two on first use looks like a hang.
@@ -183,7 +185,10 @@ def warm_start(model, tokenizer, spec: TinyModelSpec) -> None:
     for start in range(0, len(examples), spec.sft_batch_size):
         batch = collate(examples[start:start + spec.sft_batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = sft_loss_sum(logits, batch.labels) / batch.num_label_tokens
+        # sft_loss_sum's computation, written out: model building must not import ftdist.objectives
+        # (whose DPO reference loads models: an import cycle).
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / batch.num_label_tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

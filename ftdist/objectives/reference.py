@@ -119,7 +119,7 @@ def _read_cache(path: Path) -> dict | None:
         return None
     try:
         cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file: say which, do not guess
+    except Exception as e:  # noqa: BLE001 (any failure to read is a damaged file: say which, do not guess)
         raise ConfigError(f"objective.reference=precomputed: cannot read the cache {path}: {e}") from None
     if not isinstance(cached, dict) or not {"key", "train", "val"} <= set(cached):
         raise ConfigError(f"objective.reference=precomputed: {path} is not a reference log-prob cache")

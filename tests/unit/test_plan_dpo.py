@@ -37,7 +37,7 @@ def test_the_reference_forward_adds_no_activation_memory():
     """It runs first, under no_grad: its logits are freed before the policy's forward saves
     anything, and its peak (the same logits, nothing saved) is below the policy's."""
     lora = ["peft=lora", "strategy=fsdp", "cluster.gpus_per_node=2"]
-    simpo, cfg = planned(*PAIRS, *lora, "objective=simpo")
+    simpo, _ = planned(*PAIRS, *lora, "objective=simpo")
     dpo, _ = planned(*PAIRS, *lora, "objective=dpo", "objective.reference=adapter")
     assert gpu_bytes(dpo, "activations") == gpu_bytes(simpo, "activations")
     assert gpu_bytes(dpo, "reference") == gpu_bytes(simpo, "reference") == 0
