@@ -16,9 +16,11 @@ twice: their handler, then root's. `install` sets this policy on the handlers of
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
+import sys
 import warnings
 from datetime import timedelta
 
@@ -138,3 +140,18 @@ def adopt_library_loggers() -> None:
         for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for ftdist's command-line tools: a usage error is one line naming the tool
+    (argparse prints the whole usage first), exit code 2 like every bad input."""
+
+    def __init__(self, *args, tool: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tool = tool
+
+    def error(self, message: str):
+        from ftdist.constants import EXIT_BAD_INPUT
+
+        print(f"{self.tool}: usage: {message} ({self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

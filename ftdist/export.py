@@ -31,6 +31,7 @@ import torch
 from ftdist.checkpoint import complete_checkpoints
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig, check_known_keys, hydra_error_message
+from ftdist.console import OneLineParser
 from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
 from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
 
@@ -407,16 +408,8 @@ def _export_peft(cfg, source, from_final, out, merge_adapter, dtype_name) -> Non
     write_full_model(merged, merged.state_dict(), out, tokenizer)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A usage error in one line (argparse prints the whole usage first), exit code 2."""
-
-    def error(self, message: str):
-        print(f"ftdist.export: usage: {message} (python -m ftdist.export --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(tool="ftdist.export", prog="python -m ftdist.export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "source", type=Path,
         help="a run directory (its final/ once finished, else its newest checkpoint), a checkpoint step_N, "

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from ftdist.console import OneLineParser
 from ftdist.constants import EXIT_BAD_INPUT
 from ftdist.data.messages import type_name
 from ftdist.data.sources import LOCAL_EXTENSIONS, DataError, Row, read_rows, source_kind
@@ -143,16 +144,8 @@ def write_jsonl(rows: list[dict], out: str) -> None:
         raise
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """A usage error in one line (argparse prints the whole usage first), exit code 2."""
-
-    def error(self, message: str):
-        print(f"ftdist.pairs: usage: {message} (python -m ftdist.data.pairs --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m ftdist.data.pairs", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(tool="ftdist.pairs", prog="python -m ftdist.data.pairs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chosen", required=True, help="answer file whose answers are preferred (row for row)")
     parser.add_argument("--rejected", required=True, help="answer file to the same prompts, dispreferred")
     parser.add_argument("--out", required=True, help="the preference rows, JSON lines {prompt, chosen, rejected}")
