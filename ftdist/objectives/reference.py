@@ -85,7 +85,8 @@ def use_precomputed(objective, ctx) -> None:
     """Give every train and validation pair its reference log-probs: from the cache where its key
     matches, else computed now (all ranks) and saved by rank 0; a cache with another key is refused."""
     cfg, strategy = objective.cfg, ctx.strategy
-    key = cache_key(cfg, ctx.train_examples, ctx.val_examples, ctx.bf16)
+    # Rank 0's view decides: on nodes with their own copies of the weights, file times may differ.
+    key = strategy.broadcast_object(cache_key(cfg, ctx.train_examples, ctx.val_examples, ctx.bf16))
     path = cache_path(cfg, ctx.run_dir)
     cached = strategy.broadcast_object(_read_cache(path) if strategy.is_main else None)
     if cached is not None:
