@@ -8,6 +8,7 @@ rope parameters).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ftdist.config import ConfigError, ModelConfig
@@ -83,7 +84,10 @@ def model_config(cfg: ModelConfig):
     if cfg.tiny is not None:
         from ftdist.model.tiny import ensure_tiny_model
 
-        return AutoConfig.from_pretrained(ensure_tiny_model(cfg.tiny))
+        # A warm start changes the weights, not the config: sizing never trains for it (the
+        # preference demo's model would run 500 SFT steps for `ftdist.plan` to read a config).
+        spec = dataclasses.replace(cfg.tiny, sft_task=None, sft_steps=0)
+        return AutoConfig.from_pretrained(ensure_tiny_model(spec))
     path = os.path.expanduser(str(cfg.name_or_path))
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=cfg.trust_remote_code)

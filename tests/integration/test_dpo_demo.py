@@ -68,3 +68,16 @@ def held_out_loss(model, examples, tokenizer) -> float:
     with torch.no_grad():
         logits = model.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return sft_loss_sum(logits, batch.labels).item() / batch.num_label_tokens
+
+
+def test_sizing_the_demo_never_runs_its_warm_start(tmp_path, monkeypatch):
+    """ftdist.plan and the dry run read the tiny model's config, which a warm start does not
+    change: they must not train 500 SFT steps to get it."""
+    from ftdist.model.architectures import model_config
+    from ftdist.model.tiny import spec_dir
+
+    monkeypatch.setenv("FTDIST_CACHE", str(tmp_path))
+    cfg = load_config(compose([*DEMO, "output_dir=unused"]))
+    config = model_config(cfg.model)
+    assert config.num_hidden_layers == cfg.model.tiny.num_layers
+    assert not spec_dir(cfg.model.tiny).exists()  # the warm-started model was not built
