@@ -19,7 +19,7 @@ from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.chat import ChatEncoder
 from ftdist.data.example import PLAIN_PROMPT, Encoded, Example
-from ftdist.data.messages import conversation, type_name
+from ftdist.data.messages import conversation, row_field, type_name
 from ftdist.data.preference import encode_pair
 from ftdist.data.sources import BadRow, DataError
 
@@ -109,7 +109,7 @@ class RowEncoder:
 
     def chat_row(self, row: dict) -> Encoded:
         tools = row.get(self.fields.tools) if self.fields.tools else None
-        messages, tools = conversation(_field(row, self.fields.messages), tools, self.fields.messages,
+        messages, tools = conversation(row_field(row, self.fields.messages), tools, self.fields.messages,
                                        self.cfg.system_prompt)
         return self.chat.encode(messages, tools)
 
@@ -117,15 +117,8 @@ class RowEncoder:
 # --- field access (each failure is a BadRow of a stable kind) -------------------------------
 
 
-def _field(row: dict, name: str) -> Any:
-    if name not in row or row[name] is None:
-        fields = ", ".join(map(str, row)) or "none"
-        raise BadRow("missing_field", f"row has no field '{name}' (fields: {fields})")
-    return row[name]
-
-
 def _text_field(row: dict, name: str) -> str:
-    value = _field(row, name)
+    value = row_field(row, name)
     if not isinstance(value, str):
         raise BadRow("wrong_type", f"field '{name}' must be a string, got {type_name(value)}")
     if not value.strip():

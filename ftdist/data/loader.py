@@ -131,3 +131,15 @@ def eval_batches(lengths: Sequence[int], rank: int, world_size: int, batch_size:
     """
     mine = sorted(range(rank, len(lengths), world_size), key=lambda i: lengths[i])
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def eval_shard(lengths: Sequence[int], rank: int, world_size: int, batch_size: int,
+               shards_parameters: bool) -> tuple[list[list[int]], int]:
+    """(this rank's eval_batches, how many padding batches it runs after them). Where parameters
+    are sharded every forward is a collective, so a rank with fewer batches matches the busiest
+    one with forwards whose results it drops."""
+    mine = eval_batches(lengths, rank, world_size, batch_size)
+    if not shards_parameters:
+        return mine, 0
+    most = max(len(eval_batches(lengths, r, world_size, batch_size)) for r in range(world_size))
+    return mine, most - len(mine)

@@ -24,6 +24,14 @@ def type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def row_field(row: dict, name: str) -> Any:
+    """row[name], or BadRow missing_field naming the fields the row has."""
+    if name not in row or row[name] is None:
+        fields = ", ".join(map(str, row)) or "none"
+        raise BadRow("missing_field", f"row has no field '{name}' (fields: {fields})")
+    return row[name]
+
+
 def conversation(messages: Any, tools: Any, messages_field: str, system_prompt: str | None) -> tuple[list, list | None]:
     """The row's messages and tools as the template receives them, or BadRow."""
     if not isinstance(messages, list):

@@ -20,7 +20,7 @@ from typing import Any
 
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import PLAIN_PROMPT, Encoded, Example
-from ftdist.data.messages import conversation, type_name
+from ftdist.data.messages import conversation, row_field, type_name
 from ftdist.data.sources import BadRow, DataError
 
 
@@ -50,7 +50,7 @@ class Pair:
 def encode_pair(encoder, row: dict) -> Encoded:
     """The pair of `row`; `encoder` is the data.RowEncoder (its tokenizer, bos/eos and chat encoder)."""
     fields = encoder.fields
-    prompt, chosen, rejected = (_field(row, name) for name in (fields.prompt, fields.chosen, fields.rejected))
+    prompt, chosen, rejected = (row_field(row, name) for name in (fields.prompt, fields.chosen, fields.rejected))
     if isinstance(prompt, list):
         if encoder.chat is None:
             raise DataError(f"field '{fields.prompt}' is a list of messages: it needs the chat template "
@@ -153,8 +153,3 @@ def _pair(prompt_ids: list[int], responses: list[list[int]], labels: list[list[i
     return Encoded([Pair(chosen, rejected)])
 
 
-def _field(row: dict, name: str) -> Any:
-    if name not in row or row[name] is None:
-        fields = ", ".join(map(str, row)) or "none"
-        raise BadRow("missing_field", f"row has no field '{name}' (fields: {fields})")
-    return row[name]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ftdist.data.loader import eval_batches
+from ftdist.data.loader import eval_shard
 
 
 class MicroBatch(Protocol):
@@ -150,8 +150,8 @@ def loss_pass(objective: Objective, ctx: EvalContext) -> tuple[float, float, dic
     Each rank takes a share of the items, grouped by length to waste little padding; the
     result is a sum, so the grouping does not change it."""
     lengths = [objective.item_length(ctx.examples, item) for item in ctx.items]
-    strategy, world = ctx.strategy, ctx.strategy.world_size
-    mine = eval_batches(lengths, strategy.rank, world, ctx.batch_size)
+    strategy = ctx.strategy
+    mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, ctx.batch_size, strategy.shards_parameters)
     loss_sum, count, sums = 0.0, 0, {}
     for idx in mine:
         batch = objective.collate(ctx.examples, [ctx.items[j] for j in idx]).to(strategy.device)
@@ -160,13 +160,10 @@ def loss_pass(objective: Objective, ctx: EvalContext) -> tuple[float, float, dic
         count += objective.loss_count(batch)
         for key, value in out.sums.items():
             sums[key] = sums.get(key, 0.0) + value
-    if strategy.shards_parameters:
-        # Sharded forwards are collectives: match the rank with the most batches, results unused.
-        most = max(len(eval_batches(lengths, r, world, ctx.batch_size)) for r in range(world))
-        # The whole loss runs, not just the forward: an objective's loss may hold further
-        # sharded forwards (DPO's reference), and every rank must run as many of those too.
-        for _ in range(most - len(mine)):
-            objective.loss(ctx.forward, objective.padding_batch().to(strategy.device))
+    # The whole loss runs, not just the forward: an objective's loss may hold further sharded
+    # forwards (DPO's reference), and every rank must run as many of those too.
+    for _ in range(padding):
+        objective.loss(ctx.forward, objective.padding_batch().to(strategy.device))
     keys = objective.sum_keys
     total_loss, total_count, *values = strategy.all_reduce_sum([loss_sum, count, *(sums.get(k, 0.0) for k in keys)])
     return total_loss, total_count, dict(zip(keys, values, strict=True))

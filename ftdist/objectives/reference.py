@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ftdist.config import ConfigError, FtdistConfig
-from ftdist.data.loader import eval_batches
+from ftdist.data.loader import eval_shard
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +136,15 @@ def _compute(objective, ctx, pairs: list) -> torch.Tensor:
     strategy = ctx.strategy
     batch_size = objective.cfg.train.eval_batch_size
     lengths = [len(p) for p in pairs]
-    world = strategy.world_size
-    mine = eval_batches(lengths, strategy.rank, world, batch_size)
+    mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, batch_size, strategy.shards_parameters)
     out: dict[int, tuple[float, float]] = {}
     for idx in mine:
         batch = collate_pairs([[pairs[i]] for i in idx], objective.pad_token_id, packed=False).to(strategy.device)
         logps = sequence_logps(objective.reference_forward(batch), batch).tolist()
         for j, i in enumerate(idx):
             out[i] = (logps[2 * j], logps[2 * j + 1])
-    if strategy.shards_parameters:  # sharded forwards are collectives: match the busiest rank
-        most = max(len(eval_batches(lengths, r, world, batch_size)) for r in range(world))
-        for _ in range(most - len(mine)):
-            objective.reference_forward(objective.padding_batch().to(strategy.device))
+    for _ in range(padding):
+        objective.reference_forward(objective.padding_batch().to(strategy.device))
     merged: dict[int, tuple[float, float]] = {}
     for part in strategy.all_gather_object(out):
         merged.update(part)
