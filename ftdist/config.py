@@ -83,15 +83,17 @@ class DataFields:
     text: str = "text"  # text: plain causal LM
     chosen: str = "chosen"  # preference: the preferred response (a string or assistant message(s))
     rejected: str = "rejected"  # preference: the dispreferred response
+    label: str = "label"  # classification: the row's class (a string or an integer)
 
 
 @dataclass
 class DataConfig:
     # Local .jsonl/.json/.parquet/.csv file, a hub dataset name, or synthetic:NAME (demo tasks).
     path: str = MISSING
-    format: str = "instruction"  # instruction | chat | text | preference
+    format: str = "instruction"  # instruction | chat | text | preference | classification
     fields: DataFields = field(default_factory=DataFields)
     split: str = "train"  # split name for hub datasets
+    columns: list[str] | None = None  # names of a header-less .csv/.tsv file's columns, in order (else its first line)
     validation_path: str | None = None  # a separate validation file; else val_fraction
     val_fraction: float = 0.05  # seeded fraction held out when validation_path is unset
     max_val_examples: int | None = None  # cap on held-out rows (keeps evaluation cheap)
@@ -256,8 +258,10 @@ class ClusterConfig:
 class ObjectiveConfig:
     """What the model is trained to do (ftdist/objectives/): sft (supervised fine-tuning: loss
     on the responses), or preference optimization on chosen/rejected pairs (data.format=
-    preference): dpo against a reference model, reference-free simpo and orpo. Each option
-    belongs to the objectives OBJECTIVE_OPTIONS lists; setting it for another is an error."""
+    preference): dpo against a reference model, reference-free simpo and orpo; a scoring head
+    instead of the LM head: classification (data.format=classification) and reward (a
+    Bradley-Terry reward model on preference pairs). Each option belongs to the objectives
+    OBJECTIVE_OPTIONS lists; setting it for another is an error."""
 
     name: str = "sft"
     loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust (formulas in the README)
@@ -271,6 +275,15 @@ class ObjectiveConfig:
     reference: str = "auto"
     reference_path: str | None = None  # dpo: the reference's weights (default: the starting weights)
     reference_cache: str | None = None  # dpo precomputed: the cache file (default: output_dir/reference_logps.pt)
+    # classification: the label set and its order (class i is labels[i]); default: the sorted
+    # labels of the training split. A label outside the set is a bad row (unknown_label).
+    labels: list[Any] | None = None
+    # classification: per-class loss weights. none | auto (n / (classes x count of the class) on
+    # the training split, as scikit-learn's "balanced") | a list, one weight per class.
+    class_weights: Any = "none"
+    # reward: the name of a row field holding a per-pair margin m (loss -log sigmoid(r_c - r_r - m)).
+    margin: str | None = None
+    center_rewards: float = 0.0  # reward: coefficient c of c * mean((r_c + r_r)^2), keeps scores near 0
 
 
 @dataclass
@@ -353,7 +366,7 @@ def slurm_time_minutes(time: str) -> int:
 CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.attn_implementation": ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
-    "data.format": ("instruction", "chat", "text", "preference"),
+    "data.format": ("instruction", "chat", "text", "preference", "classification"),
     "data.template": ("auto", "chat", "plain"),
     "data.turns": ("auto", "whole", "per_turn", "last"),
     "data.on_bad_row": ("error", "skip"),
@@ -375,8 +388,11 @@ CHOICES = {
 # The options each built-in objective reads (ObjectiveConfig); any other set away from its
 # default is a mistake worth stopping for (beta under sft, gamma under dpo).
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+PAIR_OBJECTIVES = (*PREFERENCE_OBJECTIVES, "reward")  # trained on data.format=preference
 OBJECTIVE_OPTIONS = {
     "sft": (),
+    "classification": ("labels", "class_weights"),
+    "reward": ("margin", "center_rewards"),
     "dpo": ("loss_type", "beta", "label_smoothing", "sft_weight", "reference", "reference_path", "reference_cache"),
     "simpo": ("beta", "gamma", "label_smoothing"),
     "orpo": ("beta",),
@@ -466,6 +482,9 @@ def validate(cfg: FtdistConfig) -> None:
     validate_plan(cfg)
 
 
+FORMAT_WHAT = {"preference": "chosen/rejected pairs", "classification": "labelled texts"}
+
+
 def validate_objective(cfg: FtdistConfig) -> None:
     """Options of the chosen objective, and what it needs of the data and the model."""
     o, name = cfg.objective, cfg.objective.name
@@ -476,13 +495,21 @@ def validate_objective(cfg: FtdistConfig) -> None:
         if option != "name" and option not in OBJECTIVE_OPTIONS[name] and getattr(o, option) != getattr(defaults, option):
             users = [n for n, opts in OBJECTIVE_OPTIONS.items() if option in opts]
             raise ConfigError(f"objective.{option} applies to objective={'|'.join(users)}, not objective={name}")
+    wanted = {"classification": "classification", **dict.fromkeys(PAIR_OBJECTIVES, "preference")}.get(name)
+    if wanted is not None and cfg.data.format != wanted:
+        raise ConfigError(f"objective={name} trains on {FORMAT_WHAT[wanted]}: it needs data.format={wanted}")
+    if wanted is None and cfg.data.format in FORMAT_WHAT:
+        users = "classification" if cfg.data.format == "classification" else "|".join(PAIR_OBJECTIVES)
+        raise ConfigError(f"data.format={cfg.data.format} holds {FORMAT_WHAT[cfg.data.format]}: train them with "
+                          f"objective={users}, not objective={name}")
+    if name == "classification":
+        validate_classification(cfg)
+        return
+    if name == "reward":
+        if o.center_rewards < 0:
+            raise ConfigError(f"objective.center_rewards must be >= 0 (got {o.center_rewards})")
+        return
     preference = name in PREFERENCE_OBJECTIVES
-    if preference != (cfg.data.format == "preference"):
-        raise ConfigError(
-            f"objective={name} trains on chosen/rejected pairs: it needs data.format=preference"
-            if preference else f"data.format=preference holds chosen/rejected pairs: train them with "
-            f"objective={'|'.join(PREFERENCE_OBJECTIVES)}, not objective={name}"
-        )
     if not preference:
         return
     if cfg.data.train_on_prompt:
@@ -507,6 +534,32 @@ def validate_objective(cfg: FtdistConfig) -> None:
         if not os.path.isdir(os.path.expanduser(o.reference_path)):
             raise ConfigError(f"objective.reference_path={o.reference_path}: no such model directory "
                               f"(working directory: {os.getcwd()})")
+
+
+def validate_classification(cfg: FtdistConfig) -> None:
+    o = cfg.objective
+    if o.labels is not None:
+        names = [str(label) for label in o.labels]
+        if len(names) < 2:
+            raise ConfigError(f"objective.labels needs at least two classes (got {list(o.labels)})")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"objective.labels has a class twice: {list(o.labels)}")
+    weights = o.class_weights
+    if isinstance(weights, str):
+        if weights not in ("none", "auto"):
+            raise ConfigError(f"objective.class_weights={weights!r}: use none, auto or a list of weights, one per class")
+    else:
+        values = list(weights)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in values):
+            raise ConfigError(f"objective.class_weights must be positive numbers (got {values})")
+        if o.labels is None:
+            raise ConfigError("objective.class_weights as a list needs objective.labels: the weights follow the "
+                              "classes' order, which must be fixed")
+        if len(values) != len(o.labels):
+            raise ConfigError(f"objective.class_weights has {len(values)} weights for {len(o.labels)} classes "
+                              f"(objective.labels={list(o.labels)})")
+    if cfg.data.train_on_prompt:
+        raise ConfigError("data.train_on_prompt applies to language-model objectives; a classifier has no prompt")
 
 
 # What a strategy or PEFT method needs installed: (applies, what, package, module, pip extra).

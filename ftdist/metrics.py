@@ -105,7 +105,8 @@ def matmul_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     With tied embeddings the table is also the output projection, so it counts once.
     """
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
+    # None for a sequence classifier: its scoring head is an ordinary (small) matmul at every position.
+    out = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
     total = 0
     for p in model.parameters():
         if (trainable_only and not p.requires_grad) or logical_ndim(p) < 2:

@@ -77,7 +77,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     """Train as configured; returns (trainer, summary). output_dir defaults to Hydra's run dir."""
     from ftdist.data.prepare import DataError, check_data_source
     from ftdist.model.loading import check_model
-    from ftdist.objectives import check_objective
+    from ftdist.objectives import check_objective, scores_sequences
     from ftdist.parallel import build_strategy
     from ftdist.run_dir import claim_run_dir
     from ftdist.tracking import start_wandb
@@ -98,7 +98,7 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
     try:
         # The model's config.json (type, custom code, attention backend) is read before anything
         # is written: a wrong model fails in seconds and leaves no run directory behind.
-        check_model(cfg.model, strategy.device)
+        check_model(cfg.model, strategy.device, scoring=scores_sequences(cfg.objective.name))
         check_data_source(cfg.data)  # a missing local file, before a hub tokenizer is retried
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
         # Before anything is written into it: one run at a time, and what a rerun may do there.
@@ -160,7 +160,8 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
     log.info("data: %s", json.dumps(report.to_dict()))
 
     with strategy.loading_context(bf16=use_bf16(cfg, strategy.device)):
-        loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy)
+        # A scoring objective's head is known once its data is (the classes of the training split).
+        loaded = load_model(cfg.model, strategy.device, cfg.peft, strategy, head=getattr(objective, "head", None))
         reference = load_reference_model(cfg, strategy) if objective.loads_reference_model else None
     # The tokenizer that made the examples (its data.chat_template included) is the one final/ saves.
     trainer = Trainer(cfg, strategy, loaded.model, tokenizer, train_examples, val_examples, run_dir, tracker, objective,
@@ -220,6 +221,15 @@ def report_summary(summary: dict) -> None:
             100 * summary["eval_rewards/accuracies_before"],
             100 * summary["eval_rewards/accuracies_after"],
         )
+    if "classification" in summary:
+        from ftdist.objectives.class_metrics import describe_report
+
+        for line in describe_report(summary["classification"]):
+            log.info("%s", line)
+    if "eval_accuracy_before" in summary:
+        log.info("held-out %s: %.1f%% at step 0 -> %.1f%% after training",
+                 "accuracy" if "classification" in summary else "pairs ranked right",
+                 100 * summary["eval_accuracy_before"], 100 * summary["eval_accuracy_after"])
     if "eval_logps/chosen_preferred_before" in summary:
         log.info(
             "held-out pairs whose chosen response the model finds likelier: %.1f%% -> %.1f%%",

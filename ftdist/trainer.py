@@ -441,6 +441,7 @@ class Trainer:
             out["mean_tokens_per_s"] = tokens / max(self.history[-1]["elapsed_s"], 1e-9)
         if "final_eval_loss" in carry:
             out["final_eval_loss"] = carry["final_eval_loss"]
+        out.update(getattr(self.objective, "summary_details", dict)())
         for task in self.summary_metrics:
             measured = [r for r in self.eval_history if task in r]
             after = measured[1:] if measured and measured[0]["step"] == 0 else measured  # [0]: "before"

@@ -1,4 +1,5 @@
-"""What a row becomes: examples (token ids and labels), and how a chat row was split into them."""
+"""What a row becomes: examples (token ids and labels), documents to classify, and how a chat row
+was split into examples."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ class Example:
     # it is what generation starts from.
     prompt_ids: list[int] | None = None
     reference: str | None = None  # the (last) response text, for exact-match evaluation
+
+
+@dataclass
+class Document:
+    """A text to classify (data.format=classification): its token ids and its class."""
+
+    input_ids: list[int]
+    label: str  # the class's name as the row gave it (an integer label as its decimal string)
+    target: int = -1  # the class's index in the run's label set
+
+    @property
+    def labels(self) -> list[int]:
+        """What fingerprints hash beside the ids (checkpoint.train_data_fingerprint): the class."""
+        return [self.target]
 
 
 @dataclass

@@ -8,7 +8,8 @@
   template (chat.py);
 - text: bos + text + eos, every token labelled;
 - preference: a prompt and a chosen and a rejected response, rendered as instruction or chat
-  rows are (preference.py); one Pair per row.
+  rows are (preference.py); one Pair per row;
+- classification: a text and its class (classification.py); one Document per row.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.chat import ChatEncoder
+from ftdist.data.classification import encode_document
 from ftdist.data.example import PLAIN_PROMPT, Encoded, Example
 from ftdist.data.messages import conversation, row_field, type_name
 from ftdist.data.preference import encode_pair
 from ftdist.data.sources import BadRow, DataError
 
 __all__ = ["Encoded", "Example", "RowEncoder", "uses_chat_template"]
+
+FORMATS = ("instruction", "chat", "text", "preference", "classification")
 
 
 
@@ -36,7 +40,7 @@ def uses_chat_template(cfg: DataConfig, tokenizer) -> bool:
         if not has_template:
             raise DataError("data.format=chat needs a tokenizer with a chat_template, and this one has none")
         return True
-    if cfg.format == "text":
+    if cfg.format in ("text", "classification"):
         return False
     if cfg.template == "chat" and not has_template:
         raise DataError("data.template=chat but the tokenizer has no chat_template; use data.template=plain")
@@ -46,9 +50,14 @@ def uses_chat_template(cfg: DataConfig, tokenizer) -> bool:
 class RowEncoder:
     """Encodes one row for `cfg.format`; raises BadRow for a malformed row."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
-        if cfg.format not in ("instruction", "chat", "text", "preference"):
-            raise DataError(f"data.format={cfg.format!r} is not one of instruction, chat, text, preference")
+    def __init__(self, cfg: DataConfig, tokenizer, label_index: dict[str, int] | None = None,
+                 margin_field: str | None = None):
+        if cfg.format not in FORMATS:
+            raise DataError(f"data.format={cfg.format!r} is not one of {', '.join(FORMATS)}")
+        if cfg.format == "classification" and label_index is None:
+            raise ValueError("data.format=classification: the encoder needs the run's label set")
+        self.label_index = label_index  # classification: class name -> index
+        self.margin_field = margin_field  # preference rows for a reward model: a per-pair margin
         if cfg.format == "preference" and cfg.train_on_prompt:
             raise DataError("data.train_on_prompt=true: preference pairs share their prompt, so only responses carry a loss")
         self.cfg = cfg
@@ -61,13 +70,13 @@ class RowEncoder:
         # Rows are tokenized without special tokens and bos/eos are placed explicitly, so the
         # result is the same whether or not this tokenizer adds bos by itself.
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        if self.chat is None and tokenizer.eos_token_id is None:
+        if self.chat is None and cfg.format != "classification" and tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos_token; the plain and text formats end every example with it")
         self.eos = tokenizer.eos_token_id
 
     @property
     def template_name(self) -> str:
-        return "chat" if self.chat else ("none" if self.cfg.format == "text" else "plain")
+        return "chat" if self.chat else ("none" if self.cfg.format in ("text", "classification") else "plain")
 
     def __call__(self, value: Any) -> Encoded:
         if not isinstance(value, dict):
@@ -78,6 +87,8 @@ class RowEncoder:
             return self.chat_row(value)
         if self.cfg.format == "preference":
             return encode_pair(self, value)
+        if self.cfg.format == "classification":
+            return encode_document(self, value, self.label_index)
         return self.instruction(value)
 
     def ids(self, text: str) -> list[int]:

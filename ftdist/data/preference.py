@@ -15,6 +15,7 @@ row of its own kind (`same_responses`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class Pair:
     # Reference log-probabilities of the chosen and rejected responses, where they were
     # precomputed (objective.reference=precomputed); None otherwise.
     reference_logps: tuple[float, float] | None = None
+    margin: float | None = None  # reward models: the row's objective.margin field, where set
 
     @property
     def input_ids(self) -> list[int]:
@@ -49,6 +51,25 @@ class Pair:
 
 def encode_pair(encoder, row: dict) -> Encoded:
     """The pair of `row`; `encoder` is the data.RowEncoder (its tokenizer, bos/eos and chat encoder)."""
+    encoded = _encode_pair(encoder, row)
+    if encoder.margin_field is not None:
+        encoded.examples[0].margin = pair_margin(row, encoder.margin_field)
+    return encoded
+
+
+def pair_margin(row: dict, name: str) -> float:
+    value = row_field(row, name)
+    if isinstance(value, str):
+        try:
+            value = float(value)  # CSV and TSV cells are text
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRow("bad_margin", f"field '{name}' (objective.margin) must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _encode_pair(encoder, row: dict) -> Encoded:
     fields = encoder.fields
     prompt, chosen, rejected = (row_field(row, name) for name in (fields.prompt, fields.chosen, fields.rejected))
     if isinstance(prompt, list):

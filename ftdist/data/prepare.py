@@ -14,12 +14,15 @@ between train and validation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import asdict, dataclass, field
 
 from ftdist.config import DataConfig
 from ftdist.constants import IGNORE_INDEX
+from ftdist.data.classification import label_set
+from ftdist.data.example import Document
 from ftdist.data.formats import Encoded, Example, RowEncoder
 from ftdist.data.preference import Pair
 from ftdist.data.sources import BadRow, DataError, Row, check_data_source, read_rows
@@ -58,6 +61,10 @@ class DataReport:
     train_label_tokens: int = 0  # tokens that carry a loss (after the trainer's shift)
     val_tokens: int = 0
     val_label_tokens: int = 0
+    # Classification: the classes in order (class i is labels[i]) and documents per class.
+    labels: list[str] | None = None
+    label_counts: dict[str, int] | None = None
+    val_label_counts: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,25 +76,36 @@ _Dropped = object()  # an example that lost every label to truncation
 _Outcome = BadRow | tuple[Encoded, list]
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> tuple[list, list, DataReport]:
-    """Read, format, truncate and split the data into Examples (Pairs for data.format=preference);
-    raises DataError on the first bad row
-    (on_bad_row=error) or when a split that should have examples ends up with none."""
+def prepare_data(cfg: DataConfig, tokenizer, seed: int, labels: list | None = None,
+                 margin_field: str | None = None) -> tuple[list, list, DataReport]:
+    """Read, format, truncate and split the data into Examples (Pairs for data.format=preference,
+    Documents for classification); raises DataError on the first bad row (on_bad_row=error) or
+    when a split that should have examples ends up with none.
+
+    labels: classification's fixed label set (objective.labels), else the training split's;
+    margin_field: the row field of a reward model's per-pair margin (objective.margin)."""
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row={cfg.on_bad_row!r} is not one of error, skip")
-    encoder = RowEncoder(cfg, tokenizer)
     holdout = cfg.validation_path is None and cfg.val_fraction > 0
+    rows = read_rows(cfg.path, cfg.split, cfg.num_synthetic_rows, seed, columns=cfg.columns)
+    held = set() if cfg.validation_path is not None else holdout_indices(
+        len(rows), cfg.val_fraction if holdout else 0.0, cfg.max_val_examples, seed)
+    classes = None
+    if cfg.format == "classification":
+        classes = label_set([r for i, r in enumerate(rows) if i not in held], labels, cfg.fields.label, cfg.path)
+    encoder = RowEncoder(cfg, tokenizer, label_index=None if classes is None else {n: i for i, n in enumerate(classes)},
+                         margin_field=margin_field)
     report = DataReport(
         source=cfg.path,
         validation_source=cfg.validation_path or ("holdout" if holdout else "none"),
         template=encoder.template_name,
+        labels=classes,
     )
-    outcomes = _encode_rows(read_rows(cfg.path, cfg.split, cfg.num_synthetic_rows, seed), encoder, cfg, report)
+    outcomes = _encode_rows(rows, encoder, cfg, report)
     if cfg.validation_path is not None:
-        val_rows = read_rows(cfg.validation_path, cfg.split, cfg.num_synthetic_rows, seed)
+        val_rows = read_rows(cfg.validation_path, cfg.split, cfg.num_synthetic_rows, seed, columns=cfg.columns)
         train_out, val_out = outcomes, _encode_rows(val_rows, encoder, cfg, report)
     else:
-        held = holdout_indices(len(outcomes), cfg.val_fraction if holdout else 0.0, cfg.max_val_examples, seed)
         train_out = [o for i, o in enumerate(outcomes) if i not in held]
         val_out = [o for i, o in enumerate(outcomes) if i in held]
     train = _tally(train_out, report, prefix="")
@@ -139,7 +157,10 @@ def _truncate(example: Example | Pair, max_len: int):
         chosen, rejected = _truncate(example.chosen, max_len), _truncate(example.rejected, max_len)
         if chosen is _Dropped or rejected is _Dropped or chosen[0].input_ids == rejected[0].input_ids:
             return _Dropped
-        return Pair(chosen[0], rejected[0]), chosen[1] or rejected[1]
+        return dataclasses.replace(example, chosen=chosen[0], rejected=rejected[0]), chosen[1] or rejected[1]
+    if isinstance(example, Document):  # its class is its label: truncation keeps the head, drops nothing
+        truncated = len(example.input_ids) > max_len
+        return dataclasses.replace(example, input_ids=example.input_ids[:max_len]), truncated
     truncated = len(example.input_ids) > max_len
     if truncated:
         example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)
@@ -154,6 +175,7 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
     bad_rows = report.val_bad_rows if prefix else report.bad_rows
     turns = report.val_turns if prefix else report.turns
     counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0, "turn_examples": 0}
+    label_counts: dict[str, int] = {}
     for outcome in outcomes:
         if isinstance(outcome, BadRow):
             bad_rows[outcome.kind] = bad_rows.get(outcome.kind, 0) + 1
@@ -172,6 +194,10 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
             example, truncated = result
             examples.append(example)
             counts["truncated"] += truncated
+            if isinstance(example, Document):
+                counts["tokens"] += len(example.input_ids)
+                label_counts[example.label] = label_counts.get(example.label, 0) + 1
+                continue
             for sequence in (example.chosen, example.rejected) if isinstance(example, Pair) else (example,):
                 counts["tokens"] += len(sequence.input_ids)
                 counts["label_tokens"] += sum(label != IGNORE_INDEX for label in sequence.labels[1:])
@@ -182,11 +208,17 @@ def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Ex
     setattr(report, f"{split}_label_tokens", counts["label_tokens"])
     for key in ("truncated", "dropped_no_labels", "turn_examples"):
         setattr(report, f"{prefix}{key}", counts[key])
+    if report.labels is not None:  # every class listed, in class order, with its count (0 included)
+        setattr(report, f"{prefix}label_counts", {name: label_counts.get(name, 0) for name in report.labels})
     return examples
 
 
 def _warn_losses(report: DataReport, max_seq_len: int) -> None:
     """Warn of what the data lost: reasoning a template does not render, bad rows, truncated examples."""
+    unseen = [name for name, n in (report.label_counts or {}).items() if n == 0]
+    if unseen:
+        log.warning("classes with no training document: %s (objective.labels lists them; the model never sees "
+                    "an example of them)", ", ".join(unseen))
     if report.reasoning_not_rendered:
         log.warning(
             "the chat template left out the reasoning of %d of %d trained assistant turns that have some "

@@ -12,11 +12,12 @@ import torch
 from ftdist.compat import library_error, library_version, require_attr
 from ftdist.config import ConfigError, PeftConfig
 from ftdist.constants import DTYPES
+from ftdist.model.heads import HEAD_NAMES, head_module
 
 STORAGE_DTYPES = {**DTYPES, "uint8": torch.uint8}  # bnb_4bit_quant_storage may also be uint8
 
 
-def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype):
+def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype, scoring: bool = False):
     """bitsandbytes 4-bit NF4 with double quantization for peft=qlora, else None.
 
     The packed 4-bit weights are stored as bf16 by default: FSDP2 casts parameters to its bf16
@@ -30,7 +31,10 @@ def quantization_config(peft: PeftConfig | None, compute_dtype: torch.dtype):
     except ImportError as e:  # pragma: no cover - transformers always ships it
         raise ConfigError(f"peft=qlora: {e}") from e
     storage = STORAGE_DTYPES["bf16" if peft.quant_storage == "auto" else peft.quant_storage]
+    # A scoring head is new and trained in full (modules_to_save): never quantized.
+    skip = {"llm_int8_skip_modules": list(HEAD_NAMES)} if scoring else {}
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -132,10 +136,16 @@ def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(peft: PeftConfig):
+def lora_config(peft: PeftConfig, scoring: bool = False):
+    """scoring: the model has a scoring head (sequence classification), which trains in full
+    beside the adapters and is saved with them (peft's modules_to_save for SEQ_CLS)."""
     from peft import LoraConfig
 
     targets = peft.target_modules
+    if scoring and list(targets) == ["all-linear"]:
+        # peft's all-linear leaves out the LM head only; a scoring head is trained in full instead.
+        return LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, target_modules="all-linear",
+                          exclude_modules=list(HEAD_NAMES), use_dora=peft.method == "dora", task_type="SEQ_CLS")
     return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
@@ -143,20 +153,36 @@ def lora_config(peft: PeftConfig):
         # peft's "all-linear" adapts every linear layer except the output head.
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
         use_dora=peft.method == "dora",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if scoring else "CAUSAL_LM",
     )
 
 
-def apply_adapters(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Module:
-    """The model with trainable adapters and a frozen base (unchanged for peft=none)."""
+def apply_adapters(model: torch.nn.Module, peft: PeftConfig, scoring: bool = False) -> torch.nn.Module:
+    """The model with trainable adapters and a frozen base (unchanged for peft=none); a scoring
+    head trains in full, in fp32, beside the adapters."""
     if peft.method == "none":
         return model
     from peft import get_peft_model
 
     try:
-        wrapped = get_peft_model(model, lora_config(peft))
+        wrapped = get_peft_model(model, lora_config(peft, scoring))
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise ConfigError(f"peft.target_modules={list(peft.target_modules)}: {e}") from e
     if not any(p.requires_grad for p in wrapped.parameters()):
         raise ConfigError("peft: no parameter is trainable; check peft.target_modules")
+    if scoring:
+        keep_head_fp32(wrapped)
     return wrapped
+
+
+def keep_head_fp32(peft_model: torch.nn.Module) -> None:
+    """The trained copy of the scoring head in fp32, as peft keeps LoRA weights: a bf16 head would
+    lose small updates to rounding. Its input is cast up to match (the bf16 base feeds it)."""
+    head = head_module(peft_model)
+    trained = [p for p in head.parameters() if p.requires_grad]
+    if not trained:
+        raise RuntimeError(f"peft left the scoring head {type(head).__name__} frozen (modules_to_save)")
+    for p in trained:
+        p.data = p.data.float()
+    head.register_forward_pre_hook(lambda module, args: tuple(
+        a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))

@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer through `from_pretrained`, for hub names and local paths.
+"""Load a causal LM (or, with a scoring head, the architecture's sequence-classification class)
+and its tokenizer through `from_pretrained`, for hub names and local paths.
 
 The tiny model goes through the same path: it is built into a cache directory first.
 """
@@ -23,6 +24,7 @@ from ftdist.model.adapters import (
     quantize_4bit_on,
 )
 from ftdist.model.attention import resolve_attn_implementation
+from ftdist.model.heads import ScoreHead
 from ftdist.model.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -101,20 +103,35 @@ ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex
                      "flash_attention_2": "_supports_flash_attn"}
 
 
-def choose_attention(cfg: ModelConfig, config, device: torch.device, path: str) -> str:
-    """The attention implementation to load with: `model.attn_implementation` resolved for the device,
-    checked against what the model class supports (auto falls back to eager where sdpa is missing)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+def model_mapping(scoring: bool):
+    """transformers' config -> model class table for the causal LM, or the sequence classifier."""
+    from transformers.models.auto import modeling_auto
 
+    return (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if scoring
+            else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING)
+
+
+def auto_model_class(scoring: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if scoring else AutoModelForCausalLM
+
+
+def choose_attention(cfg: ModelConfig, config, device: torch.device, path: str, scoring: bool = False) -> str:
+    """The attention implementation to load with: `model.attn_implementation` resolved for the device,
+    checked against what the model class supports (auto falls back to eager where sdpa is missing).
+    scoring: the model is the architecture's sequence-classification class (a scoring head)."""
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    mapping = model_mapping(scoring)
+    if type(config) not in mapping:
         if getattr(config, "auto_map", None):  # custom code: transformers checks it as it loads
             return attn
+        what = "sequence-classification" if scoring else "causal-LM"
         raise ConfigError(
-            f"model.name_or_path={path!r}: model_type {config.model_type!r} has no causal-LM class in transformers "
-            "(AutoModelForCausalLM cannot build it)"
+            f"model.name_or_path={path!r}: model_type {config.model_type!r} has no {what} class in transformers "
+            f"({auto_model_class(scoring).__name__} cannot build it)"
         )
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model_class = mapping[type(config)]
     backend = "sdpa" if attn.endswith("sdpa") else attn  # ftdist's document sdpa needs transformers' sdpa
     supported = ["eager"] + [
         name for name, flag in ATTENTION_SUPPORT.items()
@@ -131,11 +148,11 @@ def choose_attention(cfg: ModelConfig, config, device: torch.device, path: str) 
     )
 
 
-def check_model(cfg: ModelConfig, device: torch.device) -> str:
+def check_model(cfg: ModelConfig, device: torch.device, scoring: bool = False) -> str:
     """What config.json alone can tell (path, model type, custom code, attention backend), checked
     before data and weights load; returns the attention implementation to load with."""
     path = resolve_model_path(cfg)
-    return choose_attention(cfg, load_model_config(cfg, path), device, path)
+    return choose_attention(cfg, load_model_config(cfg, path), device, path, scoring)
 
 
 def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
@@ -155,7 +172,7 @@ def load_tokenizer(cfg: ModelConfig, model_path: str | None = None):
 
 
 def finish_model(
-    model: torch.nn.Module, cfg: ModelConfig, peft: PeftConfig | None, quantized: bool
+    model: torch.nn.Module, cfg: ModelConfig, peft: PeftConfig | None, quantized: bool, scoring: bool = False
 ) -> torch.nn.Module:
     """What every built model goes through before training: 4-bit weights kept trainable,
     gradient checkpointing, no KV cache, adapters (benchmarks/gpu_adapters.py builds its
@@ -167,12 +184,13 @@ def finish_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # caches are for generation, not training
     if peft is not None:
-        model = apply_adapters(model, peft)
+        model = apply_adapters(model, peft, scoring=scoring)
     return model
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None, adapters: bool = True
+    cfg: ModelConfig, device: torch.device, peft: PeftConfig | None = None, strategy=None, adapters: bool = True,
+    head: ScoreHead | None = None,
 ) -> LoadedModel:
     """The model with its adapters, on `device`, or as the strategy needs it to shard.
 
@@ -185,17 +203,22 @@ def load_model(
 
     adapters=False loads the base as `peft` would (4-bit under qlora) without adding adapters:
     DPO's frozen reference is the policy's starting point, quantization included.
-    """
-    from transformers import AutoModelForCausalLM
 
+    head: a scoring head (classification, reward) in place of the LM head: the architecture's
+    sequence-classification class, its head new unless the checkpoint has one of that size.
+    """
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
     dtype = DTYPES[cfg.dtype]
     config = load_model_config(cfg, path)
-    attn = choose_attention(cfg, config, device, path)
+    scoring = head is not None
+    if scoring:
+        head.configure(config, tokenizer.pad_token_id)
+    auto_class = auto_model_class(scoring)
+    attn = choose_attention(cfg, config, device, path, scoring)
     if dtype == torch.bfloat16 and device.type == "cpu":
         log.warning("model.dtype=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
-    quant = quantization_config(peft, dtype)
+    quant = quantization_config(peft, dtype, scoring)
     deferred = quant is None and strategy is not None and strategy.loads_on_rank0_only
     # A 4-bit base bound for FSDP shards waits in CPU memory (quantized on the GPU all the same).
     parked = quant is not None and strategy is not None and strategy.shards_parameters
@@ -204,20 +227,21 @@ def load_model(
     try:
         if deferred and not strategy.is_main:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(
+                model = auto_class.from_config(
                     config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
                 )
         else:
             extra = {"quantization_config": quant, "device_map": {"": load_device}} if quant is not None else {}
             with quantizing as on_device:
-                model = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, **extra
+                model = auto_class.from_pretrained(
+                    path, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+                    **extra,
                 )
             if on_device is not None:
                 on_device.check(model)  # every 4-bit weight was quantized on the GPU, none on the CPU
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
-    model = finish_model(model, cfg, peft if adapters else None, quantized=quant is not None)
+    model = finish_model(model, cfg, peft if adapters else None, quantized=quant is not None, scoring=scoring)
     if not deferred and quant is None:
         model = model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, attn_implementation=attn)

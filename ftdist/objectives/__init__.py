@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.objectives.base import Objective
+from ftdist.objectives.classification import ClassificationObjective
 from ftdist.objectives.dpo import DPOObjective
 from ftdist.objectives.preference import ORPOObjective, SimPOObjective
+from ftdist.objectives.reward import RewardObjective
 from ftdist.objectives.sft import SFTObjective
 
-OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "dpo": DPOObjective, "simpo": SimPOObjective, "orpo": ORPOObjective}
+OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "dpo": DPOObjective, "simpo": SimPOObjective, "orpo": ORPOObjective,
+                               "classification": ClassificationObjective, "reward": RewardObjective}
 
 
 def register_objective(name: str, cls: type) -> None:
@@ -30,6 +33,12 @@ def objective_class(name: str) -> type:
 def check_objective(cfg: FtdistConfig) -> None:
     """The configured objective exists (config.validate cannot ask: this package imports config)."""
     objective_class(cfg.objective.name)
+
+
+def scores_sequences(name: str) -> bool:
+    """Whether objective `name` trains a scoring head (a sequence-classification model) rather
+    than the LM head: it declares the head it needs (`head`, a ScoreHead once its data is prepared)."""
+    return hasattr(objective_class(name), "head")
 
 
 def build_objective(cfg: FtdistConfig, tokenizer) -> Objective:
