@@ -1,10 +1,13 @@
 """Data sources: turn `data.path` into rows, each tagged with where it came from.
 
-A source is a local .jsonl/.json/.parquet/.csv file, a hub dataset name (anything else that
-is not an existing file), or `synthetic:NAME`. Every row carries a location string
+A source is a local .jsonl/.json/.parquet/.csv/.tsv file, a hub dataset name (anything else
+that is not an existing file), or `synthetic:NAME`. Every row carries a location string
 (`data/train.jsonl:17`, `data/train.parquet:row 17`) so that any later complaint about the row
-can point at it. JSON files are parsed here rather than by `datasets` because only a parser
-we drive ourselves can report the line of a broken record and carry on past it.
+can point at it. JSON and TSV files are parsed here rather than by `datasets` because only a
+parser we drive ourselves can report the line of a broken record and carry on past it.
+
+A .csv or .tsv file's first line names its columns, unless `data.columns` does (the file then
+has no header line). Every cell is read as text, an empty one as "".
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+TABLE_EXTENSIONS = (".csv", ".tsv")  # the files data.columns can name the columns of
 SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -60,6 +64,8 @@ def check_data_source(cfg) -> None:
         path = getattr(cfg, key)
         if path is not None:
             _check_source(f"data.{key}", path)
+            if getattr(cfg, "columns", None) is not None:
+                _check_columns(cfg.columns, path, f"data.{key}")
 
 
 def _check_source(key: str, path: str) -> None:
@@ -81,14 +87,30 @@ def _check_source(key: str, path: str) -> None:
             raise DataError(f"{key}={path}: unknown synthetic task {name!r}; known: {', '.join(sorted(TASKS))}")
 
 
-def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0) -> list[Row]:
-    """All rows of `path`, in source order. Raises DataError when the source cannot be read."""
+def _check_columns(columns: Iterable[str], path: str, key: str | None = None) -> list[str]:
+    names = list(columns)
+    if not path.lower().endswith(TABLE_EXTENSIONS):
+        source = path if key is None else f"{key}={path}"
+        raise DataError(f"data.columns={names}: names the columns of a header-less .csv or .tsv file, "
+                        f"and {source} is not one; remove data.columns")
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"data.columns={names}: needs one distinct, non-empty name per column")
+    return names
+
+
+def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0,
+              columns: Iterable[str] | None = None) -> list[Row]:
+    """All rows of `path`, in source order. Raises DataError when the source cannot be read.
+
+    `columns` (data.columns) are the names of a header-less .csv/.tsv file's columns, in order.
+    """
     path = os.path.expanduser(path)  # Hydra passes ~/data.jsonl through unexpanded
+    names = None if columns is None else _check_columns(columns, path)
     kind = source_kind(path)
     if kind == "synthetic":
         return _synthetic_rows(path[len(SYNTHETIC_PREFIX):], num_synthetic_rows, seed)
     if kind == "file":
-        return _local_rows(path)
+        return _local_rows(path, names)
     if kind == "missing":
         raise DataError(f"data file not found: {path} (working directory: {os.getcwd()})")
     # A directory is a dataset repository on disk (e.g. a downloaded hub dataset): the same
@@ -103,14 +125,16 @@ def _looks_local(path: str) -> bool:
     return "/" in path and path.startswith((".", "/", "~"))
 
 
-def _local_rows(path: str) -> list[Row]:
+def _local_rows(path: str, columns: list[str] | None) -> list[Row]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
         return list(_jsonl_rows(path))
     if ext == ".json":
         return _json_rows(path)
+    if ext == ".tsv":
+        return list(_tsv_rows(path, columns))
     if ext in (".parquet", ".csv"):
-        return _datasets_file_rows(path, ext[1:])
+        return _datasets_file_rows(path, ext[1:], columns)
     raise DataError(f"{path}: unsupported data file type '{ext}'; use one of {', '.join(LOCAL_EXTENSIONS)}")
 
 
@@ -188,22 +212,64 @@ def _json_array_rows(path: str, text: str, pos: int) -> Iterator[Row]:
         raise DataError(f"{path}:{line}: invalid_json: extra data after the top-level array")
 
 
-def _datasets_file_rows(path: str, builder: str) -> list[Row]:
+def _tsv_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
+    """One record per physical line, split at every tab. TSV has no quoting (a field cannot
+    hold a tab or a newline), so a `"` is text: the SMS Spam Collection has many unpaired ones,
+    which a CSV-style reader would take for a quoted field running on over the lines after it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    names = columns
+    for lineno, raw in enumerate(lines, 1):
+        location = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            if names is None:
+                raise DataError(f"{location}: header line is not valid UTF-8 (byte {e.start})") from None
+            yield Row(location, problem=BadRow("not_utf8", f"line is not valid UTF-8 (byte {e.start})"))
+            continue
+        if lineno == 1:
+            line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the text
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if names is None:
+            names = _tsv_header(location, fields)
+        elif len(fields) != len(names):
+            detail = f"expected {len(names)} fields ({', '.join(names)}), got {len(fields)}"
+            yield Row(location, problem=BadRow("wrong_columns", detail))
+        else:
+            yield Row(location, dict(zip(names, fields)))
+    if names is None:
+        raise DataError(f"{path}:1: tsv file has no header line (data.columns names the columns of one without)")
+
+
+def _tsv_header(location: str, names: list[str]) -> list[str]:
+    if not all(names) or len(set(names)) != len(names):
+        raise DataError(f"{location}: tsv header line {names} needs one distinct, non-empty name per column "
+                        "(data.columns names the columns of a file without one)")
+    return names
+
+
+def _datasets_file_rows(path: str, builder: str, columns: list[str] | None = None) -> list[Row]:
     import datasets
 
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # CSV has no types: read every column as text (an answer "18" must stay a string) and
         # keep empty cells as "" instead of pandas' NaN, so formats see what the file says.
-        header = _csv_header(path)
+        header = _csv_header(path) if columns is None else columns
         kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
-                      "keep_default_na": False}
+                  "keep_default_na": False}
+        if columns is not None:
+            kwargs["column_names"] = columns  # pandas then reads the first line as a record
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as e:  # noqa: BLE001 (any reader failure becomes one clear message)
         raise DataError(f"{path}: cannot read {builder} file: {type(e).__name__}: {e}") from None
-    # A CSV record's line is its index + 2 (1-based, after the header) when no field spans lines.
-    where = (lambda i: f"{path}:{i + 2}") if builder == "csv" else (lambda i: f"{path}:row {i + 1}")
+    # A CSV record's line is its index + 1, + 1 more after a header line, when no field spans lines.
+    first = 1 if columns is not None else 2
+    where = (lambda i: f"{path}:{i + first}") if builder == "csv" else (lambda i: f"{path}:row {i + 1}")
     return [Row(where(i), record) for i, record in enumerate(ds)]
 
 
