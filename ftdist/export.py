@@ -21,6 +21,7 @@ The output is written to DIR.partial and renamed to DIR when complete.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -34,6 +35,8 @@ from ftdist.config import ConfigError, FtdistConfig, check_known_keys, hydra_err
 from ftdist.console import OneLineParser
 from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
 from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
+from ftdist.model.heads import ScoreHead
+from ftdist.model.loading import auto_model_class
 
 log = logging.getLogger("ftdist")
 
@@ -170,14 +173,39 @@ def _read_deepspeed(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
 # --- building models ---------------------------------------------------------------------------
 
 
-def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype):
-    """The run's architecture with no weights (its config from the base model's directory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def run_head(run_dir: Path, cfg: FtdistConfig, tokenizer) -> tuple[ScoreHead, int] | None:
+    """The scoring head a classification or reward run trained (its classes are in the run's
+    data_report.json), with the pad id its config carries; None for a language-model run."""
+    from ftdist.objectives import scores_sequences
 
-    trust = cfg.model.trust_remote_code
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+    if not scores_sequences(cfg.objective.name):
+        return None
+    if cfg.objective.name != "classification":
+        return ScoreHead(("reward",), cfg.objective.name), tokenizer.pad_token_id
+    report = run_dir / "data_report.json"
+    try:
+        labels = json.loads(report.read_text())["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{report}: cannot read the run's classes (labels): {e}") from None
+    return ScoreHead(tuple(labels), "classification"), tokenizer.pad_token_id
+
+
+def model_config(cfg: FtdistConfig, model_path: str, head: tuple[ScoreHead, int] | None):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if head is not None:
+        head[0].configure(config, head[1])
+    return config
+
+
+def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype, head: tuple[ScoreHead, int] | None = None):
+    """The run's architecture with no weights (its config from the base model's directory;
+    with a scoring head, the architecture's sequence-classification class)."""
+    config = model_config(cfg, model_path, head)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+        return auto_model_class(head is not None).from_config(config, dtype=dtype,
+                                                              trust_remote_code=cfg.model.trust_remote_code)
 
 
 def tied_copies(model: torch.nn.Module) -> set[str]:
@@ -205,8 +233,9 @@ def read_final_adapter(final: Path, skeleton: torch.nn.Module) -> dict[str, torc
     file = final / "adapter_model.safetensors"
     saved = load_file(file)
     wanted = {n: p for n, p in skeleton.named_parameters() if p.requires_grad}
-    # peft saves each adapter tensor under its FQN without the adapter's name (".default").
-    fqn = {n.replace(".default", ""): n for n in wanted}
+    # peft saves each adapter tensor under its FQN without the adapter's name (".default"), and a
+    # module trained in full (a scoring head, modules_to_save) under the module's own FQN.
+    fqn = {n.replace(".modules_to_save.default", "").replace(".default", ""): n for n in wanted}
     missing, unexpected = sorted(fqn.keys() - saved.keys()), sorted(saved.keys() - fqn.keys())
     config = final.parent / "config.yaml"
     if missing or unexpected:
@@ -233,11 +262,12 @@ def read_final_model(final: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def attach_adapter(base: torch.nn.Module, cfg: FtdistConfig, adapter: dict[str, torch.Tensor]):
-    """base wrapped by the run's adapter config, holding the trained adapter weights."""
+def attach_adapter(base: torch.nn.Module, cfg: FtdistConfig, adapter: dict[str, torch.Tensor], scoring: bool = False):
+    """base wrapped by the run's adapter config, holding the trained adapter weights (and, for
+    a scoring head, the trained head)."""
     from ftdist.model.adapters import apply_adapters
 
-    model = apply_adapters(base, cfg.peft)
+    model = apply_adapters(base, cfg.peft, scoring=scoring)
     result = model.load_state_dict(adapter, strict=False)
     unloaded = adapter_names(model) - adapter.keys()
     if result.unexpected_keys or unloaded:
@@ -264,9 +294,13 @@ def write_full_model(model, state: dict[str, torch.Tensor], out: Path, tokenizer
         tokenizer.save_pretrained(out)
 
 
-def write_adapter(peft_model, state: dict[str, torch.Tensor], out: Path, tokenizer=None) -> None:
-    """adapter_config.json + adapter_model.safetensors from the adapter tensors alone."""
+def write_adapter(peft_model, state: dict[str, torch.Tensor], out: Path, tokenizer=None,
+                  head: ScoreHead | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors from the adapter tensors alone (and the
+    scoring head's definition, head.json, for a classifier or reward model)."""
     peft_model.save_pretrained(out, state_dict=state)
+    if head is not None:
+        head.write(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -284,17 +318,17 @@ def probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def load_base(cfg: FtdistConfig, model_path: str):
-    """The base exactly as the run trained on it: 4-bit NF4 for QLoRA, on CPU."""
-    from transformers import AutoModelForCausalLM
-
+def load_base(cfg: FtdistConfig, model_path: str, head: tuple[ScoreHead, int] | None = None):
+    """The base exactly as the run trained on it: 4-bit NF4 for QLoRA, on CPU (with a scoring
+    head: the sequence-classification class, its untrained head replaced by the adapter's copy)."""
     from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config
 
     dtype = DTYPES[cfg.model.dtype]
-    quant = quantization_config(cfg.peft, dtype)
+    quant = quantization_config(cfg.peft, dtype, scoring=head is not None)
     extra = {"quantization_config": quant, "device_map": {"": "cpu"}} if quant is not None else {}
-    base = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
+    base = auto_model_class(head is not None).from_pretrained(
+        model_path, config=model_config(cfg, model_path, head), dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code, **extra
     )
     # Evaluation-mode bitsandbytes would repack the weights for another CPU kernel: the
     # reference logits must come from the layers that trained.
@@ -302,10 +336,12 @@ def load_base(cfg: FtdistConfig, model_path: str):
     return base
 
 
-def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], dtype: torch.dtype):
+def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], dtype: torch.dtype,
+          head: tuple[ScoreHead, int] | None = None):
     """The base with the adapter merged in, in `dtype`; raises MergeMismatch where its logits
     differ from base + adapter's (computed as the run did) by more than MERGE_TOLERANCE."""
-    model = attach_adapter(load_base(cfg, model_path), cfg, adapter)
+    scoring = head is not None
+    model = attach_adapter(load_base(cfg, model_path, head), cfg, adapter, scoring)
     ids = probe_ids(model.config.vocab_size)
     reference = probe_logits(model, ids)
     coarsest = torch.bfloat16 if torch.bfloat16 in (dtype, DTYPES[cfg.model.dtype]) else torch.float32
@@ -316,7 +352,7 @@ def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], 
         # with), then the adapter merges into them.
         base = model.unload()
         base.dequantize(dtype=torch.float32)
-        model = attach_adapter(base, cfg, adapter)
+        model = attach_adapter(base, cfg, adapter, scoring)
     merged = model.merge_and_unload().float()
     for p in merged.parameters():  # round to the saved dtype, check in fp32 (CPU bf16 is slow)
         p.data = p.data.to(dtype).float()
@@ -342,6 +378,7 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
         cfg.data.chat_template = str(run_dir / CHAT_TEMPLATE_FILE)
     if from_final:
         check_final(source, cfg)
+    head = run_head(run_dir, cfg, base_and_tokenizer(cfg)[1])
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty")
     staging = out.with_name(out.name + ".partial")
@@ -351,9 +388,9 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
         if cfg.peft.method == "none":
             if merge_adapter:
                 log.info("--merge: a full fine-tune has no adapter; exporting the full model")
-            _export_full(cfg, source, from_final, staging, dtype_name)
+            _export_full(cfg, head, source, from_final, staging, dtype_name)
         else:
-            _export_peft(cfg, source, from_final, staging, merge_adapter, dtype_name)
+            _export_peft(cfg, head, source, from_final, staging, merge_adapter, dtype_name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -370,7 +407,7 @@ def base_and_tokenizer(cfg: FtdistConfig) -> tuple[str, object]:
     return model_path, use_chat_template_file(load_tokenizer(cfg.model, model_path), cfg.data.chat_template)
 
 
-def _export_full(cfg, source, from_final, out, dtype_name) -> None:
+def _export_full(cfg, head, source, from_final, out, dtype_name) -> None:
     if from_final and dtype_name is None:
         # final/ is already what this export would write (save_pretrained + tokenizer).
         log.info("%s: a full fine-tune's final/ is already a Hugging Face model; copying it", source)
@@ -381,30 +418,31 @@ def _export_full(cfg, source, from_final, out, dtype_name) -> None:
         tokenizer = base_and_tokenizer(cfg)[1]
     else:
         model_path, tokenizer = base_and_tokenizer(cfg)
-        names = full_model_names(meta_model(cfg, model_path, torch.float32))
+        names = full_model_names(meta_model(cfg, model_path, torch.float32, head))
         state = read_model_state(source / "model_optimizer", names)
     dtype = DTYPES[dtype_name] if dtype_name else next(iter(state.values())).dtype
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    write_full_model(meta_model(cfg, model_path, dtype), state, out, tokenizer)
+    write_full_model(meta_model(cfg, model_path, dtype, head), state, out, tokenizer)
 
 
-def _export_peft(cfg, source, from_final, out, merge_adapter, dtype_name) -> None:
+def _export_peft(cfg, head, source, from_final, out, merge_adapter, dtype_name) -> None:
     from ftdist.model.adapters import apply_adapters
 
     model_path, tokenizer = base_and_tokenizer(cfg)
-    skeleton = apply_adapters(meta_model(cfg, model_path, torch.float32), cfg.peft)
+    skeleton = apply_adapters(meta_model(cfg, model_path, torch.float32, head), cfg.peft,
+                              scoring=head is not None)
     if from_final:
         adapter = read_final_adapter(source, skeleton)
     else:
         adapter = read_model_state(source / "model_optimizer", adapter_names(skeleton))
     if not merge_adapter:
-        write_adapter(skeleton, adapter, out, tokenizer)
+        write_adapter(skeleton, adapter, out, tokenizer, None if head is None else head[0])
         return
     # A QLoRA base is 4-bit NF4 codes times block scales: bf16's rounding is far finer than
     # that quantization, at half fp32's size.
     default = "bf16" if cfg.peft.method == "qlora" else cfg.model.dtype
     dtype = DTYPES[dtype_name or default]
-    merged = merge(cfg, model_path, adapter, dtype)
+    merged = merge(cfg, model_path, adapter, dtype, head)
     write_full_model(merged, merged.state_dict(), out, tokenizer)
 
 

@@ -461,6 +461,9 @@ class Trainer:
         state = self.strategy.full_state_dict(self.model, trainable_only=is_peft)
         if self.strategy.is_main:
             model = self.strategy.unwrap(self.model)
-            (write_adapter if is_peft else write_full_model)(model, state, final, self.tokenizer)
+            if is_peft:
+                write_adapter(model, state, final, self.tokenizer, getattr(self.objective, "head", None))
+            else:
+                write_full_model(model, state, final, self.tokenizer)
         self.strategy.barrier()
         return final

@@ -71,13 +71,31 @@ def pair_margin(row: dict, name: str) -> float:
 
 def _encode_pair(encoder, row: dict) -> Encoded:
     fields = encoder.fields
-    prompt, chosen, rejected = (row_field(row, name) for name in (fields.prompt, fields.chosen, fields.rejected))
+    prompt_ids, responses, labels, plain = encode_responses(encoder, row, [fields.chosen, fields.rejected])
+    return _pair(prompt_ids, responses, labels, row[fields.chosen] if plain else None)
+
+
+def encode_scored(encoder, row: dict, response_field: str) -> list[int]:
+    """The token ids of one prompt + response, exactly as one sequence of a training pair: what a
+    reward model scores (ftdist.score)."""
+    prompt_ids, responses, labels, _ = encode_responses(encoder, row, [response_field])
+    if not any(label != IGNORE_INDEX for label in labels[0]):
+        raise BadRow("empty_response", "the response renders to no token the model produces")
+    return prompt_ids + responses[0]
+
+
+def encode_responses(encoder, row: dict, names: list[str]) -> tuple[list[int], list[list[int]], list[list[int]], bool]:
+    """(prompt ids, each named response's ids, their labels, whether the plain template rendered
+    them) for the row's prompt and the responses in fields `names`, each after the same prompt ids."""
+    fields = encoder.fields
+    prompt = row_field(row, fields.prompt)
+    values = [row_field(row, name) for name in names]
     if isinstance(prompt, list):
         if encoder.chat is None:
             raise DataError(f"field '{fields.prompt}' is a list of messages: it needs the chat template "
                             f"(data.template=auto|chat with a tokenizer that has one)")
         tools = row.get(fields.tools) if fields.tools else None
-        return _chat_pair(encoder, prompt, chosen, rejected, tools)
+        return (*_chat_responses(encoder, prompt, list(zip(names, values)), tools), False)
     if not isinstance(prompt, str):
         raise BadRow("wrong_type", f"field '{fields.prompt}' must be a string or a list of messages, got {type_name(prompt)}")
     if not prompt.strip():
@@ -86,38 +104,36 @@ def _encode_pair(encoder, row: dict) -> Encoded:
     if isinstance(context, str) and context.strip():
         prompt = f"{prompt}\n\n{context}"
     if encoder.chat is not None:
-        return _chat_pair(encoder, [{"role": "user", "content": prompt}], chosen, rejected, None)
+        return (*_chat_responses(encoder, [{"role": "user", "content": prompt}], list(zip(names, values)), None), False)
     prompt_ids = encoder.bos + encoder.ids(PLAIN_PROMPT.format(prompt=prompt))
     responses = []
-    for name, value in ((fields.chosen, chosen), (fields.rejected, rejected)):
+    for name, value in zip(names, values):
         if not isinstance(value, str):
             raise BadRow("wrong_type", f"field '{name}' must be a string with data.template=plain, got {type_name(value)}")
         if not value.strip():
             raise BadRow("empty_response", f"field '{name}' is empty")
         ids = encoder.ids(value) + [encoder.eos]
         responses.append(ids)
-    return _pair(prompt_ids, responses, [list(r) for r in responses], chosen)
+    return prompt_ids, responses, [list(r) for r in responses], True
 
 
-def _chat_pair(encoder, prompt: list, chosen: Any, rejected: Any, tools: Any) -> Encoded:
-    fields, chat = encoder.fields, encoder.chat
-    turns = {name: _response_messages(value, name) for name, value in ((fields.chosen, chosen), (fields.rejected, rejected))}
+def _chat_responses(encoder, prompt: list, responses: list[tuple[str, Any]], tools: Any):
+    """(prompt ids, response ids, labels) of each (field name, value) after a message-list prompt."""
+    chat = encoder.chat
+    turns = [(name, _response_messages(value, name)) for name, value in responses]
     # Each side is checked as the whole conversation it is (tool results answer calls, tools exist).
-    conversations = {
-        name: conversation(prompt + msgs, tools, fields.prompt, encoder.cfg.system_prompt)
-        for name, msgs in turns.items()
-    }
-    (chosen_conv, checked_tools), (rejected_conv, _) = conversations.values()
-    start = len(chosen_conv) - len(turns[fields.chosen])
-    head = chosen_conv[:start]
-    before = chat.render(head, checked_tools, generation_prompt=True)
+    conversations = [conversation(prompt + msgs, tools, encoder.fields.prompt, encoder.cfg.system_prompt)
+                     for _, msgs in turns]
+    first, checked_tools = conversations[0]
+    start = len(first) - len(turns[0][1])
+    before = chat.render(first[:start], checked_tools, generation_prompt=True)
     prompt_ids, _ = chat.tokenize(before)
-    responses, labels = [], []
-    for name, conv in ((fields.chosen, chosen_conv), (fields.rejected, rejected_conv)):
+    ids_out, labels = [], []
+    for (name, _), (conv, _) in zip(turns, conversations):
         ids, lab = _chat_response(chat, conv, start, checked_tools, before, name)
-        responses.append(ids)
+        ids_out.append(ids)
         labels.append(lab)
-    return _pair(prompt_ids, responses, labels, None)
+    return prompt_ids, ids_out, labels
 
 
 def _chat_response(chat, conv: list[dict], start: int, tools, before: str, name: str) -> tuple[list[int], list[int]]:

@@ -14,11 +14,17 @@ not contain).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 HEAD_NAMES = ("score", "classifier")  # what transformers' sequence-classification classes call their head
+# Beside a PEFT adapter (whose directory has no model config): the head the base must be built
+# with before the adapter loads, e.g. AutoPeftModelForSequenceClassification.from_pretrained(
+# DIR, num_labels=..., id2label=...), as ftdist.score does.
+HEAD_FILE = "head.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,19 @@ class ScoreHead:
             config.problem_type = "single_label_classification"
         # ftdist.score reads it: a reward model prints a score, a classifier labels and probabilities.
         config.ftdist_objective = self.objective
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / HEAD_FILE).write_text(json.dumps(
+            {"objective": self.objective, "num_labels": self.num_labels, "labels": list(self.labels)}, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> ScoreHead | None:
+        """The head written beside an adapter, or None where there is none."""
+        file = Path(directory) / HEAD_FILE
+        if not file.is_file():
+            return None
+        raw = json.loads(file.read_text())
+        return cls(tuple(raw["labels"]), raw["objective"])
 
 
 def head_module(model: torch.nn.Module) -> torch.nn.Module:
