@@ -402,9 +402,13 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
 def base_and_tokenizer(cfg: FtdistConfig) -> tuple[str, object]:
     """The base model's path and the tokenizer the run trained with (its data.chat_template included)."""
     from ftdist.model.loading import load_tokenizer, resolve_model_path
+    from ftdist.objectives import scores_sequences
 
     model_path = resolve_model_path(cfg.model)
-    return model_path, use_chat_template_file(load_tokenizer(cfg.model, model_path), cfg.data.chat_template)
+    tokenizer = use_chat_template_file(load_tokenizer(cfg.model, model_path), cfg.data.chat_template)
+    if scores_sequences(cfg.objective.name):  # as final/ saves it: truncation=True cuts where training did
+        tokenizer.model_max_length = cfg.data.max_seq_len
+    return model_path, tokenizer
 
 
 def _export_full(cfg, head, source, from_final, out, dtype_name) -> None:

@@ -128,7 +128,8 @@ def _row_encoder(kind: str, tokenizer, run_cfg, args):
             text = row_field(row, args.text_field)
             if not isinstance(text, str) or not text.strip():
                 raise BadRow("empty_text", f"field '{args.text_field}' must be a non-empty string")
-            return tokenizer(text)["input_ids"]
+            # model_max_length is the run's data.max_seq_len in a final/ ftdist saved: cut as training did.
+            return tokenizer(text, truncation=True)["input_ids"]
 
         return encode_text
     from ftdist.data.preference import encode_scored
@@ -141,7 +142,7 @@ def _row_encoder(kind: str, tokenizer, run_cfg, args):
     from dataclasses import replace
 
     encoder = RowEncoder(replace(data, format="preference", fields=fields), tokenizer)
-    return lambda row: encode_scored(encoder, row, args.response_field)
+    return lambda row: encode_scored(encoder, row, args.response_field)[:tokenizer.model_max_length]
 
 
 def score_file(scorer: Scorer, rows_path: Path, out, batch_size: int, echo: bool) -> int:

@@ -78,6 +78,13 @@ def pooled_scores(head: HeadOutput, forward: Forward, batch: ScoreBatch) -> torc
     return head.take()[batch.pool_rows, batch.pool_columns].float()
 
 
+def keep_truncation(tokenizer, max_seq_len: int) -> None:
+    """final/ saves this tokenizer: with model_max_length at data.max_seq_len, a Hugging Face
+    pipeline (or tokenizer call) with truncation=True cuts texts where training did, so the saved
+    model scores the same ids it was evaluated on."""
+    tokenizer.model_max_length = max_seq_len
+
+
 def class_weights(setting, labels: list[str], counts: dict[str, int]) -> list[float] | None:
     """objective.class_weights as one weight per class, or None (all 1)."""
     if isinstance(setting, str):
@@ -122,6 +129,7 @@ class ClassificationObjective:
 
     def prepare_data(self, tokenizer):
         train, val, report = prepare_data(self.cfg.data, tokenizer, self.cfg.seed, labels=self.cfg.objective.labels)
+        keep_truncation(tokenizer, self.cfg.data.max_seq_len)
         self.labels = report.labels
         counts = report.label_counts
         self.majority_class = max(range(len(self.labels)), key=lambda i: counts[self.labels[i]])

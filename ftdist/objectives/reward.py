@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ftdist.data.prepare import prepare_data
 from ftdist.model.heads import HeadOutput, ScoreHead
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
-from ftdist.objectives.classification import pooled_scores
+from ftdist.objectives.classification import keep_truncation, pooled_scores
 from ftdist.objectives.preference import PairBatch, PreferenceObjective, collate_pairs
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -67,6 +67,7 @@ class RewardObjective(PreferenceObjective):
         self.head_output = HeadOutput(ctx.strategy.unwrap(ctx.model))
 
     def prepare_data(self, tokenizer):
+        keep_truncation(tokenizer, self.cfg.data.max_seq_len)
         return prepare_data(self.cfg.data, tokenizer, self.cfg.seed, margin_field=self.options.margin)
 
     def collate(self, examples, items) -> RewardBatch:
