@@ -54,6 +54,19 @@ def run_train(overrides: list[str], nproc: int | None = None, check: bool = True
     return proc
 
 
+def concurrently(*calls):
+    """Call each of `calls` (functions of no arguments, each waiting on its own subprocesses) at
+    the same time and return their results in order; an exception from one is raised once all are
+    done. For independent single-process runs: each uses one core (OMP_NUM_THREADS=1, see
+    run_env), so two at a time use both cores of a 2-core machine, and what they compute does not
+    depend on load. Not for two 2-rank runs, which use both cores already."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import read_metrics, run_train
+from helpers import concurrently, read_metrics, run_train
 
 BASE = [
     "model=tiny", "data=preference", "data.path=synthetic:json_preference", "data.num_synthetic_rows=80",
@@ -17,11 +17,17 @@ BASE = [
 
 def test_precomputed_reference_resumes_exactly_and_refuses_a_stale_cache(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run_train([*BASE, f"output_dir={straight}"])
-    run_train([*BASE, "train.stop_after_steps=2", f"output_dir={stopped}"])
+    # Single-process runs, two at a time (helpers.concurrently): each pair is independent.
+    concurrently(lambda: run_train([*BASE, f"output_dir={straight}"]),
+                 lambda: run_train([*BASE, "train.stop_after_steps=2", f"output_dir={stopped}"]))
     cache = stopped / "reference_logps.pt"
     written = cache.stat().st_mtime_ns
-    run_train([*BASE, f"output_dir={stopped}"])  # resume=auto: from step 2
+    # The resume (resume=auto: from step 2), and the same cache file given to a run on other pairs.
+    _, other = concurrently(
+        lambda: run_train([*BASE, f"output_dir={stopped}"]),
+        lambda: run_train([*BASE, "data.num_synthetic_rows=60", f"objective.reference_cache={cache}",
+                           f"output_dir={tmp_path / 'other'}"], check=False),
+    )
 
     assert cache.stat().st_mtime_ns == written  # read on resume, not computed again
     assert "reference log-probs of 72 train and 8 validation pairs from" in (stopped / "train.log").read_text()
@@ -40,8 +46,6 @@ def test_precomputed_reference_resumes_exactly_and_refuses_a_stale_cache(tmp_pat
     assert (stopped / "final" / "model.safetensors").is_file() and (stopped / "final" / "config.json").is_file()
 
     # The same cache file for other pairs: refused with what differs, never used or overwritten.
-    other = run_train([*BASE, "data.num_synthetic_rows=60", f"objective.reference_cache={cache}",
-                       f"output_dir={tmp_path / 'other'}"], check=False)
     assert other.returncode != 0
     assert "was computed for another data_sha256 than this run's" in other.stderr
     assert cache.stat().st_mtime_ns == written
