@@ -5,7 +5,9 @@
 #   3. the CUDA tests: FTDIST_TEST_GPU=1 pytest -m gpu tests/gpu
 #      (never yet run on a GPU: test_cuda_flex_training.py (flex backward vs per-document sdpa,
 #      packed flex training vs sdpa), test_cuda_sliding_window.py (flash/flex/sdpa keep a sliding
-#      window per packed document), test_qlora_loading.py (FSDP+QLoRA loading into CPU memory))
+#      window per packed document), test_qlora_loading.py (FSDP+QLoRA loading into CPU memory),
+#      test_cuda_scoring.py (a classifier's packed documents score as each alone in bf16 under
+#      sdpa and flex; the QLoRA scoring head trains in fp32 on the 4-bit base))
 #   4. benchmarks/packing.py on the GPU, sdpa then flex_attention (bucketed padded baseline, warmed shapes)
 #   5. benchmarks/gpu_adapters.py: Llama-3.1-8B LoRA and QLoRA on one GPU
 #   6. benchmarks/gpu_adapters.py --objective dpo --methods qlora: DPO QLoRA on Llama-3.1-8B, the

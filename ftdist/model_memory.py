@@ -85,17 +85,19 @@ class ModelState:
 def build_meta_model(cfg: FtdistConfig):
     """(hf config, model with adapters, ids of the weights QLoRA stores in 4 bits, decoder layers,
     ids of the base model's parameters)."""
-    from transformers import AutoModelForCausalLM
-
     from ftdist.console import quiet_library_hints
     from ftdist.model.adapters import apply_adapters
+    from ftdist.model.loading import auto_model_class
 
     quiet_library_hints()  # before apply_adapters imports peft, and peft bitsandbytes
     from ftdist.model.architectures import model_config
 
     config = model_config(cfg.model)
+    head = planned_head(cfg)
+    if head is not None:
+        head.configure(config, None)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_model_class(head is not None).from_config(
             config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
         )
     quantized = quantized_weights(model) if cfg.peft.method == "qlora" else set()
@@ -103,14 +105,32 @@ def build_meta_model(cfg: FtdistConfig):
     base_ids = {id(p) for p in model.parameters()}
     # Adapters on meta too: a 70B's LoRA alone is ~200M parameters.
     with torch.device("meta"):
-        model = apply_adapters(model, cfg.peft)
+        model = apply_adapters(model, cfg.peft, scoring=head is not None)
     return config, model, quantized, layers, base_ids
 
 
+def planned_head(cfg: FtdistConfig):
+    """The scoring head a classification or reward run trains in place of the LM head (no LM
+    head's weights, no vocabulary-wide logits), or None. The planner reads no data: without
+    objective.labels a classifier is sized with two classes (the head is hidden x classes)."""
+    from ftdist.model.heads import ScoreHead
+    from ftdist.objectives import scores_sequences
+
+    if not scores_sequences(cfg.objective.name):
+        return None
+    if cfg.objective.name != "classification":
+        return ScoreHead(("reward",), cfg.objective.name)
+    labels = [str(label) for label in cfg.objective.labels or ("class_0", "class_1")]
+    return ScoreHead(tuple(labels), "classification")
+
+
 def quantized_weights(model: torch.nn.Module) -> set[int]:
-    # transformers' bitsandbytes integration quantizes every nn.Linear but the output head.
-    head = model.get_output_embeddings()
-    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    # transformers' bitsandbytes integration quantizes every nn.Linear but the output head (a
+    # scoring head is left out too: ftdist.model.adapters.quantization_config).
+    from ftdist.model.heads import HEAD_NAMES
+
+    heads = {model.get_output_embeddings(), *(getattr(model, name, None) for name in HEAD_NAMES)}
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m not in heads}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -270,4 +290,6 @@ def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
     # DPO's reference forward runs first in the loss (ftdist.objectives.preference), under no_grad:
     # its logits and their fp32 log-softmax are freed before the policy's forward saves anything,
     # so its peak (the same logits, nothing saved) stays below the policy's and adds nothing.
-    return saved + tokens * config.vocab_size * (act + LOSS_BYTES_PER_LOGIT)
+    # A scoring head outputs num_labels scores per position, not the vocabulary.
+    width = config.num_labels if planned_head(cfg) is not None else config.vocab_size
+    return saved + tokens * width * (act + LOSS_BYTES_PER_LOGIT)

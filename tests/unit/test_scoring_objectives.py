@@ -190,3 +190,23 @@ def test_classification_evaluation_gathers_every_document(tmp_path, tiny_tokeniz
         probs = torch.softmax(s, -1)
         assert r["predicted"] == LABELS[int(probs.argmax())]
         assert [r["probabilities"][name] for name in LABELS] == pytest.approx(probs.tolist(), abs=1e-6)
+
+
+def test_a_peft_scoring_head_trains_in_fp32_on_a_bf16_base():
+    """peft keeps its LoRA weights in fp32; the head it trains in full (modules_to_save) is kept
+    in fp32 too, and its bf16 input is cast up to meet it."""
+    from ftdist.model.heads import HeadOutput
+
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(tiny=TinyModelSpec(), dtype="bf16"), torch.device("cpu"),
+                       PeftConfig(method="lora", r=4, dropout=0.0), head=ScoreHead(LABELS, "classification")).model
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad and "score" in n}
+    assert list(trained) == ["base_model.model.score.modules_to_save.default.weight"]
+    assert trained[next(iter(trained))].dtype == torch.float32
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    head = HeadOutput(model)
+    model(input_ids=torch.tensor([[5, 6, 7]]))
+    scores = head.take()
+    assert scores.dtype == torch.float32
+    scores[0, -1].sum().backward()
+    assert trained[next(iter(trained))].grad is not None
