@@ -88,7 +88,7 @@ class DataFields:
 
 @dataclass
 class DataConfig:
-    # Local .jsonl/.json/.parquet/.csv file, a hub dataset name, or synthetic:NAME (demo tasks).
+    # Local .jsonl/.json/.parquet/.csv/.tsv file, a hub dataset name, or synthetic:NAME (demo tasks).
     path: str = MISSING
     format: str = "instruction"  # instruction | chat | text | preference | classification
     fields: DataFields = field(default_factory=DataFields)
