@@ -83,11 +83,25 @@ def load_scorer(model_dir: Path, args) -> Scorer:
 
         if not (source / "config.json").is_file():
             raise ConfigError(f"{source}: no config.json or adapter_config.json: not a model directory")
+        check_classifier(source)
         model = AutoModelForSequenceClassification.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     kind = getattr(model.config, "ftdist_objective", None) or ("reward" if model.config.num_labels == 1 else "classification")
     encode = _row_encoder(kind, tokenizer, run_cfg, args)
     return Scorer(model, tokenizer, encode, kind == "reward", device)
+
+
+def check_classifier(source: Path) -> None:
+    """A sequence classifier's directory, not a language model's: transformers would give a
+    language model a new, untrained head and score with it, silently."""
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{source}/config.json: cannot read it: {e}") from None
+    architectures = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ConfigError(f"{source}: a {', '.join(architectures) or 'model'} without a scoring head, not a classifier "
+                          "or reward model (train one with objective=classification or objective=reward)")
 
 
 def _load_adapter(source: Path, run_cfg):

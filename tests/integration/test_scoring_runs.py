@@ -134,3 +134,19 @@ def test_reward_model_scores_rank_the_validation_pairs_as_its_evaluation_did(run
     assert ranked_right == pytest.approx(evals[-1]["eval_accuracy"])
     margin = sum(c - r for c, r in zip(chosen, rejected)) / len(rows)
     assert margin == pytest.approx(evals[-1]["eval_margin"], rel=1e-4, abs=1e-5)
+
+
+def test_score_refuses_a_language_model_and_names_a_bad_row(runs, tiny_model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+
+    def score_cli(model) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftdist.score", str(model), "--file", str(rows)], cwd=REPO,
+                              env=run_env(), capture_output=True, text=True)
+
+    language_model = score_cli(tiny_model_dir)
+    assert language_model.returncode == 2
+    assert "LlamaForCausalLM without a scoring head, not a classifier or reward model" in language_model.stderr
+    bad_row = score_cli(runs / "full")
+    assert bad_row.returncode == 2
+    assert f"ftdist.score: DataError: {rows}:2: missing_field: row has no field 'text'" in bad_row.stderr
