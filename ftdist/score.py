@@ -132,6 +132,8 @@ def _load_adapter(source: Path, run_cfg):
 
 def _row_encoder(kind: str, tokenizer, run_cfg, args):
     """row -> token ids, as the model's training tokenized its inputs."""
+    from dataclasses import replace
+
     from ftdist.config import DataConfig, DataFields
     from ftdist.data.formats import RowEncoder
     from ftdist.data.messages import row_field
@@ -153,8 +155,6 @@ def _row_encoder(kind: str, tokenizer, run_cfg, args):
     data = DataConfig(path="-", max_seq_len=1, format="preference") if run_cfg is None else run_cfg.data
     fields = DataFields(prompt=args.prompt_field, chosen=args.response_field, rejected=args.response_field,
                         input=data.fields.input, tools=data.fields.tools)
-    from dataclasses import replace
-
     encoder = RowEncoder(replace(data, format="preference", fields=fields), tokenizer)
     return lambda row: encode_scored(encoder, row, args.response_field)[:tokenizer.model_max_length]
 

@@ -101,7 +101,7 @@ class Objective(Protocol):
     loads_reference_model: bool
     # Optional: `head`, a ftdist.model.heads.ScoreHead (read after prepare_data): the model is then
     # the architecture's sequence-classification class with that head instead of the causal LM.
-    # Optional: summary_details() -> dict merged into summary.json, describe_summary() -> log lines.
+    # Optional: summary_details() -> dict merged into summary.json (classification's report).
     # No-grad forwards over each micro-batch beyond the trained one (DPO's live reference): the
     # step's FLOPs (MFU) count them.
     reference_forwards: int

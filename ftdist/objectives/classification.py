@@ -31,7 +31,7 @@ from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import prepare_data
 from ftdist.model.heads import HeadOutput, ScoreHead
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext
-from ftdist.objectives.class_metrics import classification_report, describe_report
+from ftdist.objectives.class_metrics import classification_report
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,3 @@ class ClassificationObjective:
         """summary.json's classification report: per-class figures, confusion matrix, calibration,
         and the majority baseline, from the last evaluation."""
         return {} if self.last_report is None else {"classification": self.last_report}
-
-    def describe_summary(self) -> list[str]:
-        return [] if self.last_report is None else describe_report(self.last_report)
