@@ -25,6 +25,7 @@ import torch
 from ftdist.config import ConfigError
 from ftdist.console import OneLineParser
 from ftdist.constants import EXIT_BAD_INPUT
+from ftdist.model.heads import HeadOutput
 
 log = logging.getLogger("ftdist")
 
@@ -51,8 +52,6 @@ class Scorer:
         for r, seq in enumerate(batch):
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
-        from ftdist.model.heads import HeadOutput
-
         head = HeadOutput(self.model)
         try:
             self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
