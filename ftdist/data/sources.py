@@ -143,19 +143,28 @@ def _jsonl_rows(path: str) -> Iterator[Row]:
         yield from _parse_lines(path, f)
 
 
-def _parse_lines(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
-    # Split on b"\n" only (not str.splitlines): U+2028 and friends may stand unescaped inside a
-    # JSON string, and splitting there would corrupt a valid record.
+def _decoded_lines(path: str, lines: Iterable[bytes]) -> Iterator[tuple[str, str | UnicodeDecodeError]]:
+    """(location, text) of each non-blank line, or (location, the error) for one that is not
+    UTF-8; a byte-order mark opening the file is not part of the text."""
     for lineno, raw in enumerate(lines, 1):
         location = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield Row(location, problem=BadRow("invalid_json", f"line is not valid UTF-8 (byte {e.start})"))
+            yield location, e
             continue
         if lineno == 1:
-            line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the record
-        if not line.strip():
+            line = line.lstrip("\ufeff")
+        if line.strip():
+            yield location, line
+
+
+def _parse_lines(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
+    # Split on b"\n" only (not str.splitlines): U+2028 and friends may stand unescaped inside a
+    # JSON string, and splitting there would corrupt a valid record.
+    for location, line in _decoded_lines(path, lines):
+        if isinstance(line, UnicodeDecodeError):
+            yield Row(location, problem=BadRow("invalid_json", f"line is not valid UTF-8 (byte {line.start})"))
             continue
         try:
             yield Row(location, json.loads(line))
@@ -219,19 +228,13 @@ def _tsv_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     names = columns
-    for lineno, raw in enumerate(lines, 1):
-        location = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError as e:
+    for location, line in _decoded_lines(path, lines):
+        if isinstance(line, UnicodeDecodeError):
             if names is None:
-                raise DataError(f"{location}: header line is not valid UTF-8 (byte {e.start})") from None
-            yield Row(location, problem=BadRow("not_utf8", f"line is not valid UTF-8 (byte {e.start})"))
+                raise DataError(f"{location}: header line is not valid UTF-8 (byte {line.start})") from None
+            yield Row(location, problem=BadRow("not_utf8", f"line is not valid UTF-8 (byte {line.start})"))
             continue
-        if lineno == 1:
-            line = line.lstrip("\ufeff")  # a UTF-8 byte-order mark is not part of the text
-        if not line.strip():
-            continue
+        line = line.removesuffix("\r")
         fields = line.split("\t")
         if names is None:
             names = _tsv_header(location, fields)
