@@ -272,9 +272,10 @@ class Trainer:
                 (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             self.metrics.truncate_after(self.step)  # lines the interrupted run wrote past the checkpoint
         log.info(
-            "training %d steps: global batch %d = %d ranks x %d accum x %d micro; %d train / %d val examples",
+            "training %d steps: global batch %d = %d ranks x %d accum x %d micro; %d train / %d val %s",
             self.total_steps, self.global_batch_size, self.strategy.world_size, cfg.train.grad_accum_steps,
             cfg.train.micro_batch_size, len(self.train_examples), len(self.val_examples),
+            getattr(self.objective, "unit", "examples"),
         )
         if self.peak_flops is not None:  # None: an unknown GPU, already warned about
             log.info("mfu: FLOPs per step over %.4g FLOP/s per device (%s)", self.peak_flops, self.device.type)

@@ -97,6 +97,7 @@ class Objective(Protocol):
     # rank that evaluates no batch.
     sum_keys: tuple[str, ...]
 
+    # Optional: `unit`, what an example is called in the log ("examples", "pairs", "documents").
     # Whether train.py loads a second, frozen model for this objective (DPO's reference=model).
     loads_reference_model: bool
     # Optional: `head`, a ftdist.model.heads.ScoreHead (read after prepare_data): the model is then

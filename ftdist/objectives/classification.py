@@ -98,6 +98,7 @@ def class_weights(setting, labels: list[str], counts: dict[str, int]) -> list[fl
 
 class ClassificationObjective:
     name = "classification"
+    unit = "documents"
     task_metric = "eval_accuracy"
     summary_extra_metrics = ("eval_macro_f1",)
     sum_keys: tuple[str, ...] = ("correct",)

@@ -118,6 +118,7 @@ class PreferenceObjective:
     subclass gives `pair_losses`: per-pair losses and the rewards its metrics report."""
 
     name = "preference"
+    unit = "pairs"
     task_metric = "eval_rewards/accuracies"
     summary_extra_metrics = ("eval_logps/chosen_preferred",)
     sum_keys: tuple[str, ...] = PAIR_METRICS
