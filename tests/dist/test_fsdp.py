@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FAST, assert_same_final_weights, read_metrics, run_train
+from helpers import FAST, assert_same_final_weights, concurrently, read_metrics, run_train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -32,9 +32,22 @@ PEFT_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def full_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp_full")
-    run_train([*FULL, "train.grad_accum_steps=2", f"output_dir={root}/single"])
+def roots(tmp_path_factory):
+    """The folders of full_runs and peft_runs, holding their one-process references: independent
+    runs on one core each, trained at once (helpers.concurrently)."""
+    full, peft = tmp_path_factory.mktemp("fsdp_full"), tmp_path_factory.mktemp("fsdp_peft")
+    overrides, nproc = PEFT_RUNS["single_qlora"]
+    assert nproc is None
+    concurrently(
+        lambda: run_train([*FULL, "train.grad_accum_steps=2", f"output_dir={full}/single"]),
+        lambda: run_train([*ADAPTER, *overrides, f"output_dir={peft}/single_qlora"]),
+    )
+    return full, peft
+
+
+@pytest.fixture(scope="module")
+def full_runs(roots):
+    root = roots[0]
     run_train([*FULL, "strategy=fsdp", f"output_dir={root}/fsdp"], nproc=2)
     run_train([*FULL, "strategy=fsdp", "train.mixed_precision=bf16", f"output_dir={root}/fsdp_bf16"], nproc=2)
     # The same global batch as 2 micro-batches of 1 per rank: reduce-scattered every micro-batch
@@ -46,10 +59,11 @@ def full_runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def peft_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp_peft")
+def peft_runs(roots):
+    root = roots[1]  # holds single_qlora
     for name, (overrides, nproc) in PEFT_RUNS.items():
-        run_train([*ADAPTER, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
+        if nproc is not None:
+            run_train([*ADAPTER, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
     return root
 
 
