@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, REPO, read_metrics, run_env, run_train
+from helpers import FAST, REPO, concurrently, read_metrics, run_env, run_train
 from safetensors.torch import load_file
 
 from ftdist import export as export_mod
@@ -37,18 +37,27 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_run(runs):
-    return train(runs, "single", [])
+def one_process_runs(runs):
+    """The single, LoRA and QLoRA runs: independent one-process runs (one core each), trained at
+    once (helpers.concurrently) the first time a test needs one of them."""
+    one_process = {"single": [], "lora": ["peft=lora"], "qlora": ["peft=qlora", "peft.dropout=0"]}
+    dirs = concurrently(*(lambda name=name, o=o: train(runs, name, o) for name, o in one_process.items()))
+    return dict(zip(one_process, dirs, strict=True))
 
 
 @pytest.fixture(scope="module")
-def lora_run(runs):
-    return train(runs, "lora", ["peft=lora"])
+def single_run(one_process_runs):
+    return one_process_runs["single"]
 
 
 @pytest.fixture(scope="module")
-def qlora_run(runs):
-    return train(runs, "qlora", ["peft=qlora", "peft.dropout=0"])
+def lora_run(one_process_runs):
+    return one_process_runs["lora"]
+
+
+@pytest.fixture(scope="module")
+def qlora_run(one_process_runs):
+    return one_process_runs["qlora"]
 
 
 def assert_export_equals_final(out, run_dir):
