@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import FAST, assert_same_final_weights, read_metrics, run_train
+from helpers import FAST, assert_same_final_weights, concurrently, read_metrics, run_train
 
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "peak_mem_gb", "elapsed_s"}
 
@@ -12,9 +12,12 @@ TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mf
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     common = [*FAST, "train.max_steps=6", "train.micro_batch_size=4", "train.eval_every_steps=3"]
-    run_train([*common, "train.grad_accum_steps=2", f"output_dir={root}/single"])
-    # One micro-batch of 8: catches a mean-of-micro-batch-means, which the split above cannot.
-    run_train([*common, "train.micro_batch_size=8", f"output_dir={root}/single_micro8"])
+    # The two one-process runs at once (helpers.concurrently). The second, one micro-batch of 8,
+    # catches a mean-of-micro-batch-means, which the split of the first cannot.
+    concurrently(
+        lambda: run_train([*common, "train.grad_accum_steps=2", f"output_dir={root}/single"]),
+        lambda: run_train([*common, "train.micro_batch_size=8", f"output_dir={root}/single_micro8"]),
+    )
     run_train([*common, "strategy=ddp", "train.grad_accum_steps=1", f"output_dir={root}/ddp"], nproc=2)
     return root
 
