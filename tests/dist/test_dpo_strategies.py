@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import read_metrics, run_train
+from helpers import concurrently, read_metrics, run_train
 
 STEPS = 3
 BASE = [
@@ -45,11 +45,20 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_strategies")
-    out = {}
-    for name, (overrides, nproc, _) in RUNS.items():
+
+    def train(name):
+        overrides, nproc, _ = RUNS[name]
         run_train([*BASE, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
-        out[name] = read_metrics(root / name)
-    return out
+
+    # Each one-process run beside a 2-rank run (helpers.concurrently).
+    singles = [n for n, (_, nproc, _) in RUNS.items() if nproc is None]
+    pairs = [n for n, (_, nproc, _) in RUNS.items() if nproc is not None]
+    for i, name in enumerate(pairs):
+        if i < len(singles):
+            concurrently(lambda a=name: train(a), lambda b=singles[i]: train(b))
+        else:
+            train(name)
+    return {name: read_metrics(root / name) for name in RUNS}
 
 
 @pytest.mark.parametrize("name", [n for n, (_, _, same) in RUNS.items() if same])
