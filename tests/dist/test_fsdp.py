@@ -32,23 +32,13 @@ PEFT_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
-    """The folders of full_runs and peft_runs, holding their one-process references: independent
-    runs on one core each, trained at once (helpers.concurrently)."""
-    full, peft = tmp_path_factory.mktemp("fsdp_full"), tmp_path_factory.mktemp("fsdp_peft")
-    overrides, nproc = PEFT_RUNS["single_qlora"]
-    assert nproc is None
+def full_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_full")
+    # The one-process reference beside the first 2-rank run (helpers.concurrently).
     concurrently(
-        lambda: run_train([*FULL, "train.grad_accum_steps=2", f"output_dir={full}/single"]),
-        lambda: run_train([*ADAPTER, *overrides, f"output_dir={peft}/single_qlora"]),
+        lambda: run_train([*FULL, "train.grad_accum_steps=2", f"output_dir={root}/single"]),
+        lambda: run_train([*FULL, "strategy=fsdp", f"output_dir={root}/fsdp"], nproc=2),
     )
-    return full, peft
-
-
-@pytest.fixture(scope="module")
-def full_runs(roots):
-    root = roots[0]
-    run_train([*FULL, "strategy=fsdp", f"output_dir={root}/fsdp"], nproc=2)
     run_train([*FULL, "strategy=fsdp", "train.mixed_precision=bf16", f"output_dir={root}/fsdp_bf16"], nproc=2)
     # The same global batch as 2 micro-batches of 1 per rank: reduce-scattered every micro-batch
     # (the default), and once per step (accumulate_unsharded).
@@ -59,11 +49,18 @@ def full_runs(roots):
 
 
 @pytest.fixture(scope="module")
-def peft_runs(roots):
-    root = roots[1]  # holds single_qlora
-    for name, (overrides, nproc) in PEFT_RUNS.items():
-        if nproc is not None:
-            run_train([*ADAPTER, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
+def peft_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp_peft")
+
+    def train(name):
+        overrides, nproc = PEFT_RUNS[name]
+        run_train([*ADAPTER, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
+
+    # The one-process run beside the first 2-rank run (helpers.concurrently), then the others.
+    concurrently(lambda: train("single_qlora"), lambda: train("fsdp_lora"))
+    for name in PEFT_RUNS:
+        if name not in ("single_qlora", "fsdp_lora"):
+            train(name)
     return root
 
 
