@@ -17,7 +17,7 @@ import sys
 
 import pytest
 from conftest import REPO, shared_dataset
-from helpers import read_metrics, run_train
+from helpers import concurrently, read_metrics, run_train
 
 MICRO = 2
 RUNS = {  # name: (overrides, nproc)
@@ -41,13 +41,20 @@ def pairs_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(pairs_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_self_instruct")
-    for name, (overrides, nproc) in RUNS.items():
+
+    def train(name):
+        overrides, nproc = RUNS[name]
         run_train([
             "model=tiny", "data=preference", f"data.path={pairs_path}", "data.max_seq_len=256",
             "data.max_val_examples=4", "objective=dpo", "train.lr=0", "train.max_steps=2",
             f"train.micro_batch_size={MICRO}", "train.eval_every_steps=null", "train.progress_bar=false",
             "eval.exact_match_samples=0", *overrides, f"output_dir={root / name}",
         ], nproc=nproc)
+
+    # The one-process run beside the first 2-rank run (helpers.concurrently), then the other.
+    concurrently(lambda: train("single"), lambda: train("fsdp"))
+    train("fsdp_qlora")
+    assert set(RUNS) == {"single", "fsdp", "fsdp_qlora"}
     return root
 
 
