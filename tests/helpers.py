@@ -59,12 +59,32 @@ def concurrently(*calls):
     the same time and return their results in order; an exception from one is raised once all are
     done. For independent single-process runs: each uses one core (OMP_NUM_THREADS=1, see
     run_env), so two at a time use both cores of a 2-core machine, and what they compute does not
-    depend on load. Not for two 2-rank runs, which use both cores already."""
+    depend on load. A one-process run beside a 2-rank run helps too: the 2-rank run leaves part
+    of the second core idle (launcher, start-up, waits in collectives). Not for two 2-rank runs."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         futures = [pool.submit(call) for call in calls]
         return [future.result() for future in futures]
+
+
+_SHARED_RUNS: dict[tuple, Path] = {}
+
+
+def shared_run(tmp_path_factory, overrides: list[str], nproc: int | None = None) -> Path:
+    """The run directory of `overrides` (without output_dir), trained once per test session:
+    a later call, from any module, whose overrides compose to the same config gets the same
+    directory (training is deterministic on CPU). Callers only read it."""
+    from omegaconf import OmegaConf
+
+    from ftdist.config import compose
+
+    key = (nproc, OmegaConf.to_yaml(compose([*overrides, "output_dir=shared"])))
+    if key not in _SHARED_RUNS:
+        out = tmp_path_factory.mktemp("shared_run") / "run"
+        run_train([*overrides, f"output_dir={out}"], nproc=nproc)
+        _SHARED_RUNS[key] = out
+    return _SHARED_RUNS[key]
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FAST, REPO, read_metrics, run_env, train_cmd
+from helpers import FAST, REPO, read_metrics, run_env, shared_run, train_cmd
 
 from ftdist.constants import EXIT_CHECKPOINT_WRITE
 
@@ -50,8 +50,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def fell_back(tmp_path_factory):
     root = tmp_path_factory.mktemp("fallback")
-    straight, out = root / "straight", root / "resumed"
-    run(train_cmd(2, [*FSDP, f"output_dir={straight}"]))
+    out = root / "resumed"
+    straight = shared_run(tmp_path_factory, FSDP, 2)  # test_resume.py's uninterrupted FSDP run too
     first = run(train_cmd(2, [*FSDP, f"output_dir={out}"]), fault="sigterm:6:1", check=False)
     assert first.returncode != 0, "a preempted run must not exit 0"
     checkpoints = out / "checkpoints"

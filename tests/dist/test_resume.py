@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import FAST, REPO, assert_same_final_weights, read_metrics, run_env, train_cmd
+from helpers import FAST, REPO, assert_same_final_weights, concurrently, read_metrics, run_env, shared_run, train_cmd
 
 from ftdist.constants import EXIT_PREEMPTED
 from ftdist.resilience import PREEMPTED_MARKER
@@ -66,15 +66,42 @@ CASES = {
 }
 
 
+# The one-process FSDP run that test_fsdp_checkpoint_reshards_across_world_sizes[1-2] resumes on 2
+# ranks: micro-batch 1 x 2 accumulated, the 2-rank runs' global batch.
+FSDP_ONE_RANK = [*BASE, "strategy=fsdp", "train.micro_batch_size=1", "train.grad_accum_steps=2"]
+
+
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+def trained(tmp_path_factory):
+    """Every run of the fixtures `resumed` and `controls`, in two lanes at once
+    (helpers.concurrently): the 2-rank runs one after another, and beside them the one-process
+    runs one after another (a 2-rank run leaves part of the second core idle)."""
     root = tmp_path_factory.mktemp("resume")
-    out = {}
-    for name, (overrides, nproc, rank) in CASES.items():
-        run([*BASE, *overrides, f"output_dir={root}/{name}_straight"], nproc)
-        interrupted(root, name, [*BASE, *overrides], nproc, rank)
-        out[name] = (root / f"{name}_straight", root / name)
-    return root, out
+    runs = {}
+
+    def two_ranks():
+        for name, (overrides, nproc, rank) in CASES.items():
+            if nproc is not None:
+                # The uninterrupted 8-step FSDP run is test_checkpoint_fallback.py's too (shared_run).
+                straight = shared_run(tmp_path_factory, [*BASE, *overrides], nproc)
+                runs[name] = (straight, interrupted(root, name, [*BASE, *overrides], nproc, rank))
+
+    def one_process():
+        assert CASES["single"] == ([], None, 0)
+        run([*BASE, f"output_dir={root}/single_straight"])
+        runs["single"] = (root / "single_straight", interrupted(root, "single", BASE, None, 0))
+        run([*FSDP_ONE_RANK, f"output_dir={root}/fsdp_one_rank"])
+        runs["fsdp_one_rank"] = (root / "fsdp_one_rank", None)
+        runs["controls"] = control_runs(tmp_path_factory.mktemp("resume_controls"))
+
+    concurrently(two_ranks, one_process)
+    return root, runs
+
+
+@pytest.fixture(scope="module")
+def resumed(trained):
+    root, runs = trained
+    return root, {name: runs[name] for name in [*CASES, "fsdp_one_rank"]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -119,11 +146,7 @@ def _copy_first_half(src, dst):
 def test_fsdp_checkpoint_reshards_across_world_sizes(resumed, tmp_path, saved_on, resumed_on):
     _, runs = resumed
     micro = {1: ["train.micro_batch_size=1", "train.grad_accum_steps=2"], 2: ["train.micro_batch_size=1"]}
-    if saved_on == 2:
-        source = runs["fsdp"][0]
-    else:
-        source = tmp_path / "one_rank"
-        run([*BASE, "strategy=fsdp", *micro[1], "train.max_steps=8", f"output_dir={source}"], None)
+    source = runs["fsdp" if saved_on == 2 else "fsdp_one_rank"][0]
     target = tmp_path / "resharded"
     _copy_first_half(source, target)
     run([*BASE, "strategy=fsdp", *micro[resumed_on], f"output_dir={target}"], None if resumed_on == 1 else 2)
@@ -240,10 +263,8 @@ def _rewrite_manifest(checkpoint):
 CONTROLS = {"intact": lambda checkpoint: None, "no_rng": _drop_rng_state, "fresh_optimizer": _reset_optimizer_state}
 
 
-@pytest.fixture(scope="module")
-def controls(tmp_path_factory):
+def control_runs(root):
     """An uninterrupted LoRA run, and resumes from its step-4 checkpoint with parts removed."""
-    root = tmp_path_factory.mktemp("resume_controls")
     straight = root / "straight"
     run([*CONTROL, f"output_dir={straight}"])
     resumed = {}
@@ -255,6 +276,12 @@ def controls(tmp_path_factory):
         assert "resumed from" in proc.stderr
         resumed[name] = (losses(root / name), proc.stderr)
     return losses(straight), resumed
+
+
+@pytest.fixture(scope="module")
+def controls(trained):
+    """control_runs, trained by the fixture `trained`."""
+    return trained[1]["controls"]
 
 
 def _resumed_steps(run_losses):
