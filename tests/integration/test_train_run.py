@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import shared_dataset
-from helpers import FAST, read_metrics, run_train
+from helpers import FAST, concurrently, read_metrics, run_train
 from transformers import AutoModelForCausalLM
 
 from ftdist.config import compose
@@ -107,8 +107,10 @@ def test_packing_keeps_eval_loss_and_fills_rows_on_gsm8k(tmp_path):
         *FAST, f"data.path={path}", "data.fields.prompt=question", "data.fields.response=answer",
         "data.max_seq_len=2048", "train.lr=0", "train.max_steps=1", "train.micro_batch_size=4",
     ]
-    run_train([*common, "data.packing=false", f"output_dir={tmp_path}/padded"])
-    run_train([*common, "data.packing=true", f"output_dir={tmp_path}/packed"])
+    concurrently(  # independent one-process runs: both at once
+        lambda: run_train([*common, "data.packing=false", f"output_dir={tmp_path}/padded"]),
+        lambda: run_train([*common, "data.packing=true", f"output_dir={tmp_path}/packed"]),
+    )
     padded_train, padded_eval = read_metrics(tmp_path / "padded")
     packed_train, packed_eval = read_metrics(tmp_path / "packed")
     assert packed_eval[-1]["eval_loss"] == pytest.approx(padded_eval[-1]["eval_loss"], rel=1e-4)
