@@ -10,10 +10,9 @@ rank and in every run, so the comparisons are exact up to fp32 reduction order.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import read_metrics, run_train
+from helpers import concurrently, read_metrics, run_train
 
 STEPS = 3
 COMMON = ["model=tiny", "strategy=single", f"train.max_steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=0",
@@ -54,13 +53,22 @@ REWARD_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring_strategies")
-    single = [n for n, (_, nproc, _) in RUNS.items() if nproc is None]
-    # One-process runs use one core each (OMP_NUM_THREADS=1): two at a time on two cores.
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda n: run_train([*RUNS[n][0], f"output_dir={root}/{n}"]), single))
-    for name, (overrides, nproc, _) in RUNS.items():
-        if nproc is not None:
-            run_train([*overrides, f"output_dir={root}/{name}"], nproc=nproc)
+
+    def train(name):
+        overrides, nproc, _ = RUNS[name]
+        run_train([*overrides, f"output_dir={root}/{name}"], nproc=nproc)
+
+    # Each one-process run (one core, OMP_NUM_THREADS=1) beside a 2-rank run, which leaves part
+    # of the second core idle (start-up, launcher, collectives): helpers.concurrently.
+    singles = [n for n, (_, nproc, _) in RUNS.items() if nproc is None]
+    doubles = [n for n, (_, nproc, _) in RUNS.items() if nproc is not None]
+    for i, name in enumerate(doubles):
+        if i < len(singles):
+            concurrently(lambda a=name: train(a), lambda b=singles[i]: train(b))
+        else:
+            train(name)
+    for name in singles[len(doubles):]:
+        train(name)
     return {name: (*read_metrics(root / name), root / name) for name in RUNS}
 
 
