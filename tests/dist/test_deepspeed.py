@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_same_final_weights, read_metrics, run_env, run_train
+from helpers import REPO, assert_same_final_weights, concurrently, read_metrics, run_env, run_train
 
 from ftdist.config import ConfigError, StrategyConfig, TrainConfig
 from ftdist.parallel.deepspeed import deepspeed_config
@@ -100,13 +100,20 @@ def run_deepspeed(name: str, root: Path) -> Path:
 def root(tmp_path_factory):
     import deepspeed  # noqa: F401 - the dev extra installs it: missing fails, never skips
     root = tmp_path_factory.mktemp("deepspeed")
-    run_train([*COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2", f"output_dir={root}/single"])
+    # The one-process reference beside the first 2-rank run (helpers.concurrently).
+    concurrently(
+        lambda: run_train([*COMMON, "train.micro_batch_size=2", "train.grad_accum_steps=2", f"output_dir={root}/single"]),
+        lambda: run_deepspeed(FIRST, root),
+    )
     return root
+
+
+FIRST = next(iter(RUNS))  # trained by the fixture `root`
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request, root):
-    return run_deepspeed(request.param, root)
+    return root / FIRST if request.param == FIRST else run_deepspeed(request.param, root)
 
 
 def test_losses_and_grad_norms_equal_single_process(root, run):
