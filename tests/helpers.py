@@ -87,6 +87,53 @@ def shared_run(tmp_path_factory, overrides: list[str], nproc: int | None = None)
     return _SHARED_RUNS[key]
 
 
+def train_beside(train, two_rank: list[str], one_process: list[str]) -> None:
+    """train(name) for every name, each one-process run beside a 2-rank run (a 2-rank run leaves
+    part of the second core idle: start-up, the launcher, collectives); the rest one at a time."""
+    for i, name in enumerate(two_rank):
+        if i < len(one_process):
+            concurrently(lambda a=name: train(a), lambda b=one_process[i]: train(b))
+        else:
+            train(name)
+    for name in one_process[len(two_rank):]:
+        train(name)
+
+
+def step_gradients(trainer, batches) -> tuple[dict, float]:
+    """(gradient of every parameter that has one, loss) of one accumulated step over `batches`."""
+    trainer.model.zero_grad(set_to_none=True)
+    totals = trainer.forward_backward(batches)
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return grads, totals["loss_sum"] / totals["count"]
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """Rows are dicts (written as JSON) or raw strings (written as they are); returns the path."""
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def random_pairs(n: int, seed: int = 0, margins: bool = False) -> list:
+    """Preference pairs with a shared prompt and responses of different lengths (random token
+    ids); with margins, pair i carries margin (i % 3) / 2."""
+    import torch
+
+    from ftdist.constants import IGNORE_INDEX
+    from ftdist.data.example import Example
+    from ftdist.data.preference import Pair
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        prompt = torch.randint(10, 800, (3 + i % 5,), generator=g).tolist()
+        sequences = []
+        for length in (2 + (i * 3) % 7, 4 + (i * 5) % 6):
+            response = torch.randint(10, 800, (length,), generator=g).tolist()
+            sequences.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, list(prompt)))
+        pairs.append(Pair(*sequences, margin=(i % 3) * 0.5 if margins else None))
+    return pairs
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import concurrently, read_metrics, run_train
+from helpers import read_metrics, run_train, train_beside
 
 STEPS = 3
 BASE = [
@@ -50,14 +50,8 @@ def runs(tmp_path_factory):
         overrides, nproc, _ = RUNS[name]
         run_train([*BASE, *overrides, f"output_dir={root}/{name}"], nproc=nproc)
 
-    # Each one-process run beside a 2-rank run (helpers.concurrently).
-    singles = [n for n, (_, nproc, _) in RUNS.items() if nproc is None]
-    pairs = [n for n, (_, nproc, _) in RUNS.items() if nproc is not None]
-    for i, name in enumerate(pairs):
-        if i < len(singles):
-            concurrently(lambda a=name: train(a), lambda b=singles[i]: train(b))
-        else:
-            train(name)
+    train_beside(train, [n for n, (_, nproc, _) in RUNS.items() if nproc is not None],
+                 [n for n, (_, nproc, _) in RUNS.items() if nproc is None])
     return {name: read_metrics(root / name) for name in RUNS}
 
 

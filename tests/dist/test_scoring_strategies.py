@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import concurrently, read_metrics, run_train
+from helpers import read_metrics, run_train, train_beside
 
 STEPS = 3
 COMMON = ["model=tiny", "strategy=single", f"train.max_steps={STEPS}", "train.lr=1e-3", "train.warmup_steps=0",
@@ -58,17 +58,8 @@ def runs(tmp_path_factory):
         overrides, nproc, _ = RUNS[name]
         run_train([*overrides, f"output_dir={root}/{name}"], nproc=nproc)
 
-    # Each one-process run (one core, OMP_NUM_THREADS=1) beside a 2-rank run, which leaves part
-    # of the second core idle (start-up, launcher, collectives): helpers.concurrently.
-    singles = [n for n, (_, nproc, _) in RUNS.items() if nproc is None]
-    doubles = [n for n, (_, nproc, _) in RUNS.items() if nproc is not None]
-    for i, name in enumerate(doubles):
-        if i < len(singles):
-            concurrently(lambda a=name: train(a), lambda b=singles[i]: train(b))
-        else:
-            train(name)
-    for name in singles[len(doubles):]:
-        train(name)
+    train_beside(train, [n for n, (_, nproc, _) in RUNS.items() if nproc is not None],
+                 [n for n, (_, nproc, _) in RUNS.items() if nproc is None])
     return {name: (*read_metrics(root / name), root / name) for name in RUNS}
 
 

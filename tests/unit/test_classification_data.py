@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from conftest import shared_dataset
+from helpers import write_jsonl
 
 from ftdist.config import DataConfig
 from ftdist.data.classification import sort_labels
 from ftdist.data.prepare import DataError, prepare_data
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 def cfg(path: str, **kw) -> DataConfig:

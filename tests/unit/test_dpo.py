@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import random_pairs, step_gradients
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, ObjectiveConfig, PeftConfig, TinyModelSpec, TrainConfig
 from ftdist.constants import IGNORE_INDEX
@@ -22,20 +23,6 @@ from ftdist.data.preference import Pair
 from ftdist.model.loading import load_model
 from ftdist.parallel.base import Strategy
 from ftdist.trainer import Trainer
-
-
-def random_pairs(n: int, seed: int = 0) -> list[Pair]:
-    """Pairs with a shared prompt and responses of different lengths (random token ids)."""
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(n):
-        prompt = torch.randint(10, 800, (3 + i % 5,), generator=g).tolist()
-        sequences = []
-        for length in (2 + (i * 3) % 7, 4 + (i * 5) % 6):
-            response = torch.randint(10, 800, (length,), generator=g).tolist()
-            sequences.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, list(prompt)))
-        pairs.append(Pair(*sequences))
-    return pairs
 
 
 def sequence_logp(model, example: Example) -> tuple[float, int]:
@@ -171,12 +158,6 @@ def test_reference_free_objectives_match_their_formulas(tmp_path, policy, name):
         assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def gradients(trainer, batches) -> tuple[dict[str, torch.Tensor], float]:
-    trainer.model.zero_grad(set_to_none=True)
-    totals = trainer.forward_backward(batches)
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return grads, totals["loss_sum"] / totals["count"]
-
 
 def test_packed_and_accumulated_dpo_give_the_padded_gradient(tmp_path, policy):
     """The pairs of a packed step, also as one padded micro-batch and as 3 accumulated ones: the
@@ -192,12 +173,12 @@ def test_packed_and_accumulated_dpo_give_the_padded_gradient(tmp_path, policy):
     packed = trainer("packed", True)
     step = [i for item in packed.sampler.global_indices(0) for i in packed.train_items[item]]
     assert len(step) > 4 and any(len(packed.train_items[item]) > 1 for item in packed.sampler.global_indices(0))
-    runs = [gradients(packed, packed.step_batches(0))]
+    runs = [step_gradients(packed, packed.step_batches(0))]
     padded = trainer("padded", False)
-    runs.append(gradients(padded, [padded.collate_items(pairs, [[i] for i in step])]))
+    runs.append(step_gradients(padded, [padded.collate_items(pairs, [[i] for i in step])]))
     thirds = [step[k::3] for k in range(3)]
     accumulated = trainer("accumulated", False)
-    runs.append(gradients(accumulated, [accumulated.collate_items(pairs, [[i] for i in part]) for part in thirds]))
+    runs.append(step_gradients(accumulated, [accumulated.collate_items(pairs, [[i] for i in part]) for part in thirds]))
     reference_grads, reference_loss = runs[1]
     for grads, loss in (runs[0], runs[2]):
         assert loss == pytest.approx(reference_loss, rel=1e-5)

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, shared_dataset
+from helpers import write_jsonl
 
 from ftdist.config import DataConfig
 from ftdist.data.pairs import Fields, join_pairs, main
 from ftdist.data.prepare import prepare_data
 from ftdist.data.sources import DataError
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 def answers(tmp_path, name, responses, prompts=None):

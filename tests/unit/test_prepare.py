@@ -8,6 +8,7 @@ import logging
 import datasets
 import pytest
 from conftest import shared_dataset
+from helpers import write_jsonl
 
 from ftdist.config import DataConfig, DataFields
 from ftdist.constants import IGNORE_INDEX as IGNORE
@@ -18,11 +19,6 @@ from ftdist.data.prepare import DataError, prepare_data
 def good_rows(n: int) -> list[dict]:
     return [{"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}"} for i in range(n)]
 
-
-def write_jsonl(path, rows) -> str:
-    """Rows are dicts (written as JSON) or raw strings (written as they are)."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 def make_cfg(path: str, **kw) -> DataConfig:

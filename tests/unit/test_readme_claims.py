@@ -5,7 +5,6 @@ data.packing_window reaching the packer; the line that says the gpu tests did no
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -16,18 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import FAST, REPO, random_examples, run_env, train_cmd
+from helpers import FAST, REPO, random_examples, run_env, train_cmd, write_jsonl
 
 from ftdist.config import DataConfig, DataFields, TinyModelSpec, compose, load_config
 from ftdist.constants import EXIT_BAD_INPUT
 from ftdist.constants import IGNORE_INDEX as IGNORE
 from ftdist.data.packing import pack_documents
 from ftdist.data.prepare import DataError, prepare_data
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:

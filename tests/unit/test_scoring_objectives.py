@@ -13,11 +13,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_pairs, step_gradients
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, ObjectiveConfig, PeftConfig, TinyModelSpec, TrainConfig
-from ftdist.constants import IGNORE_INDEX
-from ftdist.data.example import Document, Example
-from ftdist.data.preference import Pair
+from ftdist.data.example import Document
 from ftdist.model.heads import ScoreHead
 from ftdist.model.loading import load_model
 from ftdist.objectives import build_objective
@@ -36,18 +35,6 @@ def random_documents(n: int, seed: int = 0) -> list[Document]:
         docs.append(Document(ids, LABELS[target], target))
     return docs
 
-
-def random_pairs(n: int, seed: int = 0) -> list[Pair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(n):
-        prompt = torch.randint(10, 800, (3 + i % 5,), generator=g).tolist()
-        sequences = []
-        for length in (2 + (i * 3) % 7, 4 + (i * 5) % 6):
-            response = torch.randint(10, 800, (length,), generator=g).tolist()
-            sequences.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, list(prompt)))
-        pairs.append(Pair(*sequences, margin=float(i % 3) * 0.5))
-    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +65,6 @@ def make_trainer(tmp_path, tokenizer, model, examples, objective: ObjectiveConfi
     tmp_path.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, Strategy(cfg.strategy), model, tokenizer, examples, examples[:6], tmp_path, objective=obj)
 
-
-def gradients(trainer, batches) -> tuple[dict[str, torch.Tensor], float]:
-    trainer.model.zero_grad(set_to_none=True)
-    totals = trainer.forward_backward(batches)
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return grads, totals["loss_sum"] / totals["count"]
 
 
 def alone(model, ids: list[int]) -> torch.Tensor:
@@ -121,7 +102,7 @@ def test_classification_step_is_the_mean_cross_entropy_of_each_document_alone(tm
 def test_packed_and_accumulated_give_the_padded_gradient(tmp_path, tiny_tokenizer, classifier, reward_model, objective):
     """The documents (pairs) of a packed step, also as one padded micro-batch and as 3 accumulated
     ones: the same loss and gradient, fp32, 1e-5 relative."""
-    examples = random_documents(48, seed=3) if objective == "classification" else random_pairs(32, seed=5)
+    examples = random_documents(48, seed=3) if objective == "classification" else random_pairs(32, seed=5, margins=True)
     base = classifier if objective == "classification" else reward_model
     cfg = ObjectiveConfig(name=objective)
 
@@ -131,12 +112,12 @@ def test_packed_and_accumulated_give_the_padded_gradient(tmp_path, tiny_tokenize
     packed = trainer("packed", True)
     step = [i for item in packed.sampler.global_indices(0) for i in packed.train_items[item]]
     assert len(step) > 4 and any(len(packed.train_items[item]) > 1 for item in packed.sampler.global_indices(0))
-    runs = [gradients(packed, packed.step_batches(0))]
+    runs = [step_gradients(packed, packed.step_batches(0))]
     padded = trainer("padded", False)
-    runs.append(gradients(padded, [padded.collate_items(examples, [[i] for i in step])]))
+    runs.append(step_gradients(padded, [padded.collate_items(examples, [[i] for i in step])]))
     accumulated = trainer("accumulated", False)
     thirds = [step[k::3] for k in range(3)]
-    runs.append(gradients(accumulated, [accumulated.collate_items(examples, [[i] for i in part]) for part in thirds]))
+    runs.append(step_gradients(accumulated, [accumulated.collate_items(examples, [[i] for i in part]) for part in thirds]))
     want_grads, want_loss = runs[1]
     assert "score" in " ".join(want_grads), "the head must train"
     for grads, loss in (runs[0], runs[2]):
@@ -149,7 +130,7 @@ def test_packed_and_accumulated_give_the_padded_gradient(tmp_path, tiny_tokenize
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("center", [0.0, 0.1])
 def test_reward_step_is_bradley_terry_over_each_sequence_alone(tmp_path, tiny_tokenizer, reward_model, packing, center):
-    pairs = random_pairs(30, seed=1)
+    pairs = random_pairs(30, seed=1, margins=True)
     trainer = make_trainer(tmp_path, tiny_tokenizer, copy.deepcopy(reward_model), pairs,
                            ObjectiveConfig(name="reward", center_rewards=center), packing, micro=2 if packing else 5)
     step = step_examples(trainer, pairs)
