@@ -21,6 +21,7 @@ The output is written to DIR.partial and renamed to DIR when complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,7 +36,7 @@ from ftdist.config import ConfigError, FtdistConfig, check_known_keys, hydra_err
 from ftdist.console import OneLineParser
 from ftdist.constants import DTYPES, EXIT_BAD_INPUT, EXIT_MERGE_MISMATCH
 from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
-from ftdist.model.heads import ScoreHead
+from ftdist.model.heads import ScoreHead, truncate_as_trained
 from ftdist.model.loading import auto_model_class
 
 log = logging.getLogger("ftdist")
@@ -173,33 +174,33 @@ def _read_deepspeed(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
 # --- building models ---------------------------------------------------------------------------
 
 
-def run_head(run_dir: Path, cfg: FtdistConfig, tokenizer) -> tuple[ScoreHead, int] | None:
-    """The scoring head a classification or reward run trained (its classes are in the run's
-    data_report.json), with the pad id its config carries; None for a language-model run."""
-    from ftdist.objectives import scores_sequences
+def run_head(run_dir: Path, cfg: FtdistConfig, pad_token_id: int | None) -> ScoreHead | None:
+    """The scoring head a classification or reward run trained (a classifier's classes are in the
+    run's data_report.json); None for a language-model run."""
+    from ftdist.objectives import score_head, scores_sequences
 
     if not scores_sequences(cfg.objective.name):
         return None
-    if cfg.objective.name != "classification":
-        return ScoreHead(("reward",), cfg.objective.name), tokenizer.pad_token_id
-    report = run_dir / "data_report.json"
-    try:
-        labels = json.loads(report.read_text())["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{report}: cannot read the run's classes (labels): {e}") from None
-    return ScoreHead(tuple(labels), "classification"), tokenizer.pad_token_id
+    labels = None
+    if cfg.objective.name == "classification":
+        report = run_dir / "data_report.json"
+        try:
+            labels = json.loads(report.read_text())["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{report}: cannot read the run's classes (labels): {e}") from None
+    return dataclasses.replace(score_head(cfg, labels), pad_token_id=pad_token_id)
 
 
-def model_config(cfg: FtdistConfig, model_path: str, head: tuple[ScoreHead, int] | None):
+def model_config(cfg: FtdistConfig, model_path: str, head: ScoreHead | None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     if head is not None:
-        head[0].configure(config, head[1])
+        head.configure(config)
     return config
 
 
-def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype, head: tuple[ScoreHead, int] | None = None):
+def meta_model(cfg: FtdistConfig, model_path: str, dtype: torch.dtype, head: ScoreHead | None = None):
     """The run's architecture with no weights (its config from the base model's directory;
     with a scoring head, the architecture's sequence-classification class)."""
     config = model_config(cfg, model_path, head)
@@ -318,7 +319,7 @@ def probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def load_base(cfg: FtdistConfig, model_path: str, head: tuple[ScoreHead, int] | None = None):
+def load_base(cfg: FtdistConfig, model_path: str, head: ScoreHead | None = None):
     """The base exactly as the run trained on it: 4-bit NF4 for QLoRA, on CPU (with a scoring
     head: the sequence-classification class, its untrained head replaced by the adapter's copy)."""
     from ftdist.model.adapters import keep_4bit_weights_trainable, quantization_config
@@ -337,7 +338,7 @@ def load_base(cfg: FtdistConfig, model_path: str, head: tuple[ScoreHead, int] | 
 
 
 def merge(cfg: FtdistConfig, model_path: str, adapter: dict[str, torch.Tensor], dtype: torch.dtype,
-          head: tuple[ScoreHead, int] | None = None):
+          head: ScoreHead | None = None):
     """The base with the adapter merged in, in `dtype`; raises MergeMismatch where its logits
     differ from base + adapter's (computed as the run did) by more than MERGE_TOLERANCE."""
     scoring = head is not None
@@ -378,7 +379,8 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
         cfg.data.chat_template = str(run_dir / CHAT_TEMPLATE_FILE)
     if from_final:
         check_final(source, cfg)
-    head = run_head(run_dir, cfg, base_and_tokenizer(cfg)[1])
+    model_path, tokenizer = base_and_tokenizer(cfg)
+    head = run_head(run_dir, cfg, tokenizer.pad_token_id)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty")
     staging = out.with_name(out.name + ".partial")
@@ -388,9 +390,9 @@ def export(source: Path, out: Path, merge_adapter: bool = False, dtype_name: str
         if cfg.peft.method == "none":
             if merge_adapter:
                 log.info("--merge: a full fine-tune has no adapter; exporting the full model")
-            _export_full(cfg, head, source, from_final, staging, dtype_name)
+            _export_full(cfg, head, model_path, tokenizer, source, from_final, staging, dtype_name)
         else:
-            _export_peft(cfg, head, source, from_final, staging, merge_adapter, dtype_name)
+            _export_peft(cfg, head, model_path, tokenizer, source, from_final, staging, merge_adapter, dtype_name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -406,12 +408,12 @@ def base_and_tokenizer(cfg: FtdistConfig) -> tuple[str, object]:
 
     model_path = resolve_model_path(cfg.model)
     tokenizer = use_chat_template_file(load_tokenizer(cfg.model, model_path), cfg.data.chat_template)
-    if scores_sequences(cfg.objective.name):  # as final/ saves it: truncation=True cuts where training did
-        tokenizer.model_max_length = cfg.data.max_seq_len
+    if scores_sequences(cfg.objective.name):  # as the run's final/ has it
+        truncate_as_trained(tokenizer, cfg.data.max_seq_len)
     return model_path, tokenizer
 
 
-def _export_full(cfg, head, source, from_final, out, dtype_name) -> None:
+def _export_full(cfg, head, model_path, tokenizer, source, from_final, out, dtype_name) -> None:
     if from_final and dtype_name is None:
         # final/ is already what this export would write (save_pretrained + tokenizer).
         log.info("%s: a full fine-tune's final/ is already a Hugging Face model; copying it", source)
@@ -419,9 +421,7 @@ def _export_full(cfg, head, source, from_final, out, dtype_name) -> None:
         return
     if from_final:
         model_path, state = str(source), read_final_model(source)
-        tokenizer = base_and_tokenizer(cfg)[1]
     else:
-        model_path, tokenizer = base_and_tokenizer(cfg)
         names = full_model_names(meta_model(cfg, model_path, torch.float32, head))
         state = read_model_state(source / "model_optimizer", names)
     dtype = DTYPES[dtype_name] if dtype_name else next(iter(state.values())).dtype
@@ -429,18 +429,27 @@ def _export_full(cfg, head, source, from_final, out, dtype_name) -> None:
     write_full_model(meta_model(cfg, model_path, dtype, head), state, out, tokenizer)
 
 
-def _export_peft(cfg, head, source, from_final, out, merge_adapter, dtype_name) -> None:
+def adapter_skeleton(cfg: FtdistConfig, model_path: str, head: ScoreHead | None):
+    """The run's peft model on the meta device: the names and shapes its adapter must have."""
     from ftdist.model.adapters import apply_adapters
 
-    model_path, tokenizer = base_and_tokenizer(cfg)
-    skeleton = apply_adapters(meta_model(cfg, model_path, torch.float32, head), cfg.peft,
-                              scoring=head is not None)
+    return apply_adapters(meta_model(cfg, model_path, torch.float32, head), cfg.peft, scoring=head is not None)
+
+
+def trained_peft_model(cfg: FtdistConfig, final: Path, model_path: str, head: ScoreHead | None):
+    """A PEFT run's final/ as it trained: the base (4-bit NF4 for QLoRA) with its adapter, on CPU."""
+    adapter = read_final_adapter(final, adapter_skeleton(cfg, model_path, head))
+    return attach_adapter(load_base(cfg, model_path, head), cfg, adapter, scoring=head is not None)
+
+
+def _export_peft(cfg, head, model_path, tokenizer, source, from_final, out, merge_adapter, dtype_name) -> None:
+    skeleton = adapter_skeleton(cfg, model_path, head)
     if from_final:
         adapter = read_final_adapter(source, skeleton)
     else:
         adapter = read_model_state(source / "model_optimizer", adapter_names(skeleton))
     if not merge_adapter:
-        write_adapter(skeleton, adapter, out, tokenizer, None if head is None else head[0])
+        write_adapter(skeleton, adapter, out, tokenizer, head)
         return
     # A QLoRA base is 4-bit NF4 codes times block scales: bf16's rounding is far finer than
     # that quantization, at half fp32's size.

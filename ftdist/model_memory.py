@@ -95,7 +95,7 @@ def build_meta_model(cfg: FtdistConfig):
     config = model_config(cfg.model)
     head = planned_head(cfg)
     if head is not None:
-        head.configure(config, None)
+        head.configure(config)
     with torch.device("meta"):
         model = auto_model_class(head is not None).from_config(
             config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code
@@ -113,15 +113,9 @@ def planned_head(cfg: FtdistConfig):
     """The scoring head a classification or reward run trains in place of the LM head (no LM
     head's weights, no vocabulary-wide logits), or None. The planner reads no data: without
     objective.labels a classifier is sized with two classes (the head is hidden x classes)."""
-    from ftdist.model.heads import ScoreHead
-    from ftdist.objectives import scores_sequences
+    from ftdist.objectives import score_head
 
-    if not scores_sequences(cfg.objective.name):
-        return None
-    if cfg.objective.name != "classification":
-        return ScoreHead(("reward",), cfg.objective.name)
-    labels = [str(label) for label in cfg.objective.labels or ("class_0", "class_1")]
-    return ScoreHead(tuple(labels), "classification")
+    return score_head(cfg, [str(label) for label in cfg.objective.labels or ("class_0", "class_1")])
 
 
 def quantized_weights(model: torch.nn.Module) -> set[int]:

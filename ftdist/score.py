@@ -104,24 +104,23 @@ def check_classifier(source: Path) -> None:
 
 
 def _load_adapter(source: Path, run_cfg):
+    if run_cfg is not None:  # as trained: the run's base, quantized as it was, and its adapter
+        from ftdist.export import base_and_tokenizer, run_head, trained_peft_model
+
+        model_path, tokenizer = base_and_tokenizer(run_cfg)
+        head = run_head(source.parent, run_cfg, tokenizer.pad_token_id)
+        if head is None:
+            raise ConfigError(f"{source}: a {run_cfg.objective.name} run's adapter, not a classifier or reward model")
+        return trained_peft_model(run_cfg, source, model_path, head), tokenizer
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
     from ftdist.model.heads import ScoreHead
 
     head = ScoreHead.read(source)
     if head is None:
         raise ConfigError(f"{source}: a PEFT adapter without head.json: not a classifier or reward model ftdist "
                           "trained (export it with --merge, or score its run directory)")
-    if run_cfg is not None:  # as trained: the run's base, quantized as it was, and its adapter
-        from ftdist.export import attach_adapter, base_and_tokenizer, load_base, meta_model, read_final_adapter
-        from ftdist.model.adapters import apply_adapters
-
-        model_path, tokenizer = base_and_tokenizer(run_cfg)
-        pair = (head, tokenizer.pad_token_id)
-        skeleton = apply_adapters(meta_model(run_cfg, model_path, torch.float32, pair), run_cfg.peft, scoring=True)
-        adapter = read_final_adapter(source, skeleton)
-        return attach_adapter(load_base(run_cfg, model_path, pair), run_cfg, adapter, scoring=True), tokenizer
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
-
     model = AutoPeftModelForSequenceClassification.from_pretrained(
         source, num_labels=head.num_labels, id2label=dict(enumerate(head.labels)),
         label2id={n: i for i, n in enumerate(head.labels)})

@@ -33,19 +33,21 @@ class ScoreHead:
 
     labels: tuple[str, ...]  # class names in order; a reward model: ("reward",)
     objective: str  # classification | reward
+    # transformers' own pooling finds each row's last real token by it; where the model's config
+    # has none, the tokenizer's (its pad, or eos) goes into the config.
+    pad_token_id: int | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def configure(self, config, pad_token_id: int | None) -> None:
+    def configure(self, config) -> None:
         """Set the head's size and names on a transformers config (before the model is built)."""
         config.num_labels = self.num_labels
         config.id2label = dict(enumerate(self.labels))
         config.label2id = {name: i for i, name in enumerate(self.labels)}
-        # transformers' own pooling needs a pad id to find each row's last real token.
-        if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
-            config.pad_token_id = pad_token_id
+        if getattr(config, "pad_token_id", None) is None and self.pad_token_id is not None:
+            config.pad_token_id = self.pad_token_id
         if self.objective == "classification":
             config.problem_type = "single_label_classification"
         # ftdist.score reads it: a reward model prints a score, a classifier labels and probabilities.
@@ -63,6 +65,14 @@ class ScoreHead:
             return None
         raw = json.loads(file.read_text())
         return cls(tuple(raw["labels"]), raw["objective"])
+
+
+def truncate_as_trained(tokenizer, max_seq_len: int):
+    """The tokenizer a scoring model is saved with (final/, exports): with model_max_length at
+    data.max_seq_len, a transformers pipeline or tokenizer call with truncation=True cuts texts
+    where training did, so the saved model scores the ids it was evaluated on."""
+    tokenizer.model_max_length = max_seq_len
+    return tokenizer
 
 
 def head_module(model: torch.nn.Module) -> torch.nn.Module:

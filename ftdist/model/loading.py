@@ -7,6 +7,7 @@ The tiny model goes through the same path: it is built into a cache directory fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -213,7 +214,9 @@ def load_model(
     config = load_model_config(cfg, path)
     scoring = head is not None
     if scoring:
-        head.configure(config, tokenizer.pad_token_id)
+        if head.pad_token_id is None:
+            head = dataclasses.replace(head, pad_token_id=tokenizer.pad_token_id)
+        head.configure(config)
     auto_class = auto_model_class(scoring)
     attn = choose_attention(cfg, config, device, path, scoring)
     if dtype == torch.bfloat16 and device.type == "cpu":

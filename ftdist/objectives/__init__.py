@@ -37,8 +37,17 @@ def check_objective(cfg: FtdistConfig) -> None:
 
 def scores_sequences(name: str) -> bool:
     """Whether objective `name` trains a scoring head (a sequence-classification model) rather
-    than the LM head: it declares the head it needs (`head`, a ScoreHead once its data is prepared)."""
+    than the LM head: it declares the head it needs (`head`, a ScoreHead once its data is prepared,
+    and `head_for(labels)`, the head for a given class list)."""
     return hasattr(objective_class(name), "head")
+
+
+def score_head(cfg: FtdistConfig, labels: list[str] | None):
+    """The scoring head cfg.objective trains, for the classes `labels` (a reward model ignores
+    them), or None for a language-model objective. Export reads the classes from the run's
+    data_report.json; the planner, which reads no data, passes objective.labels or placeholders."""
+    cls = objective_class(cfg.objective.name)
+    return cls.head_for(labels) if hasattr(cls, "head") else None
 
 
 def build_objective(cfg: FtdistConfig, tokenizer) -> Objective:

@@ -49,6 +49,9 @@ class ObjectiveLoss:
 
     loss_sum: torch.Tensor
     sums: dict[str, float] = field(default_factory=dict)
+    # Optional: one row per unit, in the micro-batch's order (a classifier's class probabilities),
+    # which loss_pass(..., keep_outputs=True) hands back with each unit's example index.
+    outputs: torch.Tensor | None = None
 
 
 Forward = Callable[[Any], torch.Tensor]  # micro-batch -> logits, under the run's precision
@@ -148,26 +151,32 @@ class Objective(Protocol):
         ...
 
 
-def loss_pass(objective: Objective, ctx: EvalContext) -> tuple[float, float, dict[str, float]]:
-    """The validation set's loss sum, count and metric sums over all ranks' shards.
+def loss_pass(objective: Objective, ctx: EvalContext, keep_outputs: bool = False):
+    """The validation set's loss sum, count and metric sums over all ranks' shards; with
+    keep_outputs, also this rank's (example index, output row) for each unit of its shard, from
+    ObjectiveLoss.outputs (one unit per example, in the order of the items' examples).
 
     Each rank takes a share of the items, grouped by length to waste little padding; the
     result is a sum, so the grouping does not change it."""
     lengths = [objective.item_length(ctx.examples, item) for item in ctx.items]
     strategy = ctx.strategy
     mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, ctx.batch_size, strategy.shards_parameters)
-    loss_sum, count, sums = 0.0, 0, {}
+    loss_sum, count, sums, outputs = 0.0, 0, {}, []
     for idx in mine:
-        batch = objective.collate(ctx.examples, [ctx.items[j] for j in idx]).to(strategy.device)
+        items = [ctx.items[j] for j in idx]
+        batch = objective.collate(ctx.examples, items).to(strategy.device)
         out = objective.loss(ctx.forward, batch)
         loss_sum += out.loss_sum.item()
         count += objective.loss_count(batch)
         for key, value in out.sums.items():
             sums[key] = sums.get(key, 0.0) + value
+        if keep_outputs:
+            outputs += zip([i for item in items for i in item], out.outputs.tolist(), strict=True)
     # The whole loss runs, not just the forward: an objective's loss may hold further sharded
     # forwards (DPO's reference), and every rank must run as many of those too.
     for _ in range(padding):
         objective.loss(ctx.forward, objective.padding_batch().to(strategy.device))
     keys = objective.sum_keys
     total_loss, total_count, *values = strategy.all_reduce_sum([loss_sum, count, *(sums.get(k, 0.0) for k in keys)])
-    return total_loss, total_count, dict(zip(keys, values, strict=True))
+    totals = total_loss, total_count, dict(zip(keys, values, strict=True))
+    return (*totals, outputs) if keep_outputs else totals

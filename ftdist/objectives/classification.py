@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Document, Example
-from ftdist.data.loader import Batch, collate, eval_shard
+from ftdist.data.loader import Batch, collate
 from ftdist.data.packing import collate_packed, pack_documents
 from ftdist.data.prepare import prepare_data
-from ftdist.model.heads import HeadOutput, ScoreHead
-from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext
+from ftdist.model.heads import HeadOutput, ScoreHead, truncate_as_trained
+from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
 from ftdist.objectives.class_metrics import classification_report
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,6 @@ def pooled_scores(head: HeadOutput, forward: Forward, batch: ScoreBatch) -> torc
     return head.take()[batch.pool_rows, batch.pool_columns].float()
 
 
-def keep_truncation(tokenizer, max_seq_len: int) -> None:
-    """final/ saves this tokenizer: with model_max_length at data.max_seq_len, a Hugging Face
-    pipeline (or tokenizer call) with truncation=True cuts texts where training did, so the saved
-    model scores the same ids it was evaluated on."""
-    tokenizer.model_max_length = max_seq_len
-
-
 def class_weights(setting, labels: list[str], counts: dict[str, int]) -> list[float] | None:
     """objective.class_weights as one weight per class, or None (all 1)."""
     if isinstance(setting, str):
@@ -114,12 +107,17 @@ class ClassificationObjective:
         self.head_output: HeadOutput | None = None
         self.last_report: dict | None = None
 
+    @staticmethod
+    def head_for(labels: list[str]) -> ScoreHead:
+        """The head of a classifier of these classes: one output per class."""
+        return ScoreHead(tuple(labels), "classification")
+
     @property
     def head(self) -> ScoreHead:
-        """The model's head: one output per class (train.py loads the model with it)."""
+        """The model's head (train.py loads the model with it)."""
         if self.labels is None:
             raise RuntimeError("classification: the label set is known once prepare_data has run")
-        return ScoreHead(tuple(self.labels), "classification")
+        return self.head_for(self.labels)
 
     def setup(self, ctx: TrainingContext) -> None:
         self.head_output = HeadOutput(ctx.strategy.unwrap(ctx.model))
@@ -130,7 +128,7 @@ class ClassificationObjective:
 
     def prepare_data(self, tokenizer):
         train, val, report = prepare_data(self.cfg.data, tokenizer, self.cfg.seed, labels=self.cfg.objective.labels)
-        keep_truncation(tokenizer, self.cfg.data.max_seq_len)
+        truncate_as_trained(tokenizer, self.cfg.data.max_seq_len)
         self.labels = report.labels
         counts = report.label_counts
         self.majority_class = max(range(len(self.labels)), key=lambda i: counts[self.labels[i]])
@@ -166,14 +164,11 @@ class ClassificationObjective:
     def loss_count(self, batch: ScoreBatch) -> int:
         return len(batch.targets)
 
-    def document_losses(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(scores, targets, weight=self.weights, reduction="none")
-
     def loss(self, forward: Forward, batch: ScoreBatch) -> ObjectiveLoss:
         scores = pooled_scores(self.head_output, forward, batch)
-        losses = self.document_losses(scores, batch.targets)
+        losses = F.cross_entropy(scores, batch.targets, weight=self.weights, reduction="sum")
         correct = (scores.detach().argmax(dim=-1) == batch.targets).sum().item()
-        return ObjectiveLoss(losses.sum(), {"correct": float(correct)})
+        return ObjectiveLoss(losses, {"correct": float(correct)}, outputs=torch.softmax(scores.detach(), dim=-1))
 
     def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
         return {"documents_scored": int(count), "accuracy": sums["correct"] / max(count, 1.0)}
@@ -183,43 +178,27 @@ class ClassificationObjective:
     def evaluate(self, ctx: EvalContext, with_generation: bool) -> dict:
         """Every validation document's class probabilities (all ranks' shards, gathered to every
         rank), then eval_loss, eval_accuracy, eval_macro_f1 and eval_ece over all of them."""
-        strategy = ctx.strategy
-        lengths = [self.item_length(ctx.examples, item) for item in ctx.items]
-        mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, ctx.batch_size,
-                                   strategy.shards_parameters)
-        predictions = []  # (validation example index, loss, probabilities)
-        for idx in mine:
-            items = [ctx.items[j] for j in idx]
-            batch = self.collate(ctx.examples, items).to(strategy.device)
-            scores = pooled_scores(self.head_output, ctx.forward, batch)
-            losses = self.document_losses(scores, batch.targets).tolist()
-            probabilities = torch.softmax(scores, dim=-1).tolist()
-            order = [i for item in items for i in item]  # the batch's documents, in collate's order
-            predictions += list(zip(order, losses, probabilities, strict=True))
-        for _ in range(padding):  # sharded parameters: every rank runs as many forwards
-            ctx.forward(self.padding_batch().to(strategy.device))
-            self.head_output.take()
-        gathered = sorted(p for part in strategy.all_gather_object(predictions) for p in part)
-        index = [i for i, _, _ in gathered]
-        probs = np.array([p for _, _, p in gathered], dtype=np.float64).reshape(len(gathered), len(self.labels))
-        targets = np.array([ctx.examples[i].target for i in index], dtype=np.int64)
+        loss_sum, count, _, mine = loss_pass(self, ctx, keep_outputs=True)
+        gathered = sorted(p for part in ctx.strategy.all_gather_object(mine) for p in part)  # by example index
+        probs = np.array([p for _, p in gathered], dtype=np.float64).reshape(len(gathered), len(self.labels))
+        targets = np.array([ctx.examples[i].target for i, _ in gathered], dtype=np.int64)
         report = classification_report(probs, targets, self.labels, self.majority_class)
         self.last_report = report
-        if strategy.is_main:
-            self.write_predictions(ctx, gathered, probs)
+        if ctx.strategy.is_main:
+            self.write_predictions(ctx, [i for i, _ in gathered], probs)
         return {
-            "eval_loss": sum(loss for _, loss, _ in gathered) / max(len(gathered), 1),
+            "eval_loss": loss_sum / max(count, 1.0),
             "eval_accuracy": report["accuracy"],
             "eval_macro_f1": report["macro_f1"],
             "eval_ece": report["ece"],
             "eval_documents": report["documents"],
         }
 
-    def write_predictions(self, ctx: EvalContext, gathered: list, probs: np.ndarray) -> None:
+    def write_predictions(self, ctx: EvalContext, index: list[int], probs: np.ndarray) -> None:
         out = ctx.run_dir / "eval" / f"predictions_step_{ctx.step:08d}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
-            for (i, _, _), p in zip(gathered, probs, strict=True):
+            for i, p in zip(index, probs, strict=True):
                 f.write(json.dumps({
                     "index": i,  # the validation document's position in the run's validation split
                     "label": ctx.examples[i].label,

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ftdist.data.prepare import prepare_data
-from ftdist.model.heads import HeadOutput, ScoreHead
+from ftdist.model.heads import HeadOutput, ScoreHead, truncate_as_trained
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
-from ftdist.objectives.classification import keep_truncation, pooled_scores
+from ftdist.objectives.classification import pooled_scores
 from ftdist.objectives.preference import PairBatch, PreferenceObjective, collate_pairs
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -58,6 +58,11 @@ class RewardObjective(PreferenceObjective):
     sum_keys: tuple[str, ...] = REWARD_METRICS
     head = ScoreHead(("reward",), "reward")
 
+    @classmethod
+    def head_for(cls, labels=None) -> ScoreHead:
+        """One score, whatever the data."""
+        return cls.head
+
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.head_output: HeadOutput | None = None
@@ -67,7 +72,7 @@ class RewardObjective(PreferenceObjective):
         self.head_output = HeadOutput(ctx.strategy.unwrap(ctx.model))
 
     def prepare_data(self, tokenizer):
-        keep_truncation(tokenizer, self.cfg.data.max_seq_len)
+        truncate_as_trained(tokenizer, self.cfg.data.max_seq_len)
         return prepare_data(self.cfg.data, tokenizer, self.cfg.seed, margin_field=self.options.margin)
 
     def collate(self, examples, items) -> RewardBatch:
