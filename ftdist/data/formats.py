@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftdist.config import DataConfig
+from ftdist.config import CHOICES, DataConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.chat import ChatEncoder
 from ftdist.data.classification import encode_document
@@ -27,7 +27,7 @@ from ftdist.data.sources import BadRow, DataError
 
 __all__ = ["Encoded", "Example", "RowEncoder", "uses_chat_template"]
 
-FORMATS = ("instruction", "chat", "text", "preference", "classification")
+FORMATS = CHOICES["data.format"]
 
 
 

@@ -22,33 +22,22 @@ import torch.nn.functional as F
 from ftdist.data.prepare import prepare_data
 from ftdist.model.heads import HeadOutput, ScoreHead, truncate_as_trained
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
-from ftdist.objectives.classification import pooled_scores
-from ftdist.objectives.preference import PairBatch, PreferenceObjective, collate_pairs
+from ftdist.objectives.classification import ScoreBatch, collate_scored, pooled_scores
+from ftdist.objectives.preference import PreferenceObjective
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
 @dataclasses.dataclass
-class RewardBatch(PairBatch):
-    pool_rows: torch.Tensor | None = None  # [2P] row of each sequence's last token (sequence 2p: pair p's chosen)
-    pool_columns: torch.Tensor | None = None
+class RewardBatch(ScoreBatch):
+    """Sequences of whole pairs, each pooled at its last token: sequence 2p is pair p's chosen."""
+
+    num_pairs: int = 0
     margins: torch.Tensor | None = None  # [P] per-pair margins (zeros without objective.margin)
 
     def to(self, device: torch.device) -> RewardBatch:
         moved = super().to(device)
-        move = lambda t: None if t is None else t.to(device)
-        return dataclasses.replace(moved, pool_rows=move(self.pool_rows), pool_columns=move(self.pool_columns),
-                                   margins=move(self.margins))
-
-
-def last_positions(sequence_ids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) of each sequence's last token, from the per-position sequence ids."""
-    width = sequence_ids.size(1)
-    flat = sequence_ids.reshape(-1)
-    on = flat >= 0
-    where = torch.arange(flat.numel())[on]
-    last = torch.full((count,), -1, dtype=torch.long).scatter_reduce(0, flat[on], where, reduce="amax")
-    return last // width, last % width
+        return dataclasses.replace(moved, margins=None if self.margins is None else self.margins.to(device))
 
 
 class RewardObjective(PreferenceObjective):
@@ -76,20 +65,21 @@ class RewardObjective(PreferenceObjective):
         return prepare_data(self.cfg.data, tokenizer, self.cfg.seed, margin_field=self.options.margin)
 
     def collate(self, examples, items) -> RewardBatch:
+        """Packed: each item a row of its pairs' sequences; else each sequence a row of its own."""
         pairs = [[examples[i] for i in item] for item in items]
-        base = collate_pairs(pairs, self.pad_token_id, self.cfg.data.packing)
-        rows, columns = last_positions(base.sequence_ids, 2 * base.num_pairs)
+        sequences = [[s.input_ids for pair in item for s in (pair.chosen, pair.rejected)] for item in pairs]
+        if not self.cfg.data.packing:
+            sequences = [[ids] for item in sequences for ids in item]
+        base = collate_scored(sequences, self.pad_token_id, self.cfg.data.packing)
         margins = [pair.margin or 0.0 for item in pairs for pair in item]
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(PairBatch)}
-        return RewardBatch(**fields, pool_rows=rows, pool_columns=columns,
-                           margins=torch.tensor(margins, dtype=torch.float32))
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ScoreBatch)}
+        return RewardBatch(**fields, num_pairs=len(margins), margins=torch.tensor(margins, dtype=torch.float32))
 
     def padding_batch(self) -> RewardBatch:
-        base = super().padding_batch()
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(PairBatch)}
-        rows, columns = last_positions(base.sequence_ids, 2)
-        return RewardBatch(**{**fields, "num_pairs": 0}, pool_rows=rows, pool_columns=columns,
-                           margins=torch.zeros(1))
+        """One pad token scored, no pair: a forward with nothing to learn."""
+        base = collate_scored([[[self.pad_token_id]]], self.pad_token_id, packed=False)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(ScoreBatch)}
+        return RewardBatch(**fields, num_pairs=0, margins=torch.zeros(0))
 
     def pair_rewards(self, forward: Forward, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         scores = pooled_scores(self.head_output, forward, batch)[:, 0]
