@@ -3,8 +3,9 @@
 A row has `data.fields.text` (a non-empty string) and `data.fields.label` (a string or an
 integer; an integer label and its decimal string are the same class, as CSV and TSV files hold
 every cell as text). The text is tokenized as the tokenizer does by default (its own special
-tokens, bos for Llama), exactly as a Hugging Face text-classification pipeline tokenizes it, so
-the exported model scores the same ids it was trained on.
+tokens, bos for Llama) and truncated to data.max_seq_len as the tokenizer truncates, exactly as a
+Hugging Face text-classification pipeline (truncation=True) tokenizes it, so the saved model
+scores the same ids it was trained on.
 
 The label set is fixed before any row is encoded: `objective.labels` in that order, or else the
 sorted labels of the training split (numerically when every label is an integer). A row whose
@@ -83,4 +84,11 @@ def encode_document(encoder, row: dict, label_index: dict[str, int]) -> Encoded:
         shown = ", ".join(list(label_index)[:10]) + (", ..." if len(label_index) > 10 else "")
         raise BadRow("unknown_label", f"label {name!r} is not one of the run's {len(label_index)} classes ({shown})")
     ids = encoder.tok(text)["input_ids"]
+    max_len = encoder.cfg.max_seq_len
+    if len(ids) > max_len:
+        # Cut as the tokenizer itself truncates (truncation=True): a tokenizer that ends every text
+        # with a special token keeps it, so the saved model, whose tokenizer has model_max_length
+        # = data.max_seq_len, is given exactly these ids by a pipeline.
+        ids = encoder.tok(text, truncation=True, max_length=max_len)["input_ids"]
+        return Encoded([Document(ids, name, label_index[name], truncated=True)])
     return Encoded([Document(ids, name, label_index[name])])

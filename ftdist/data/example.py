@@ -26,7 +26,8 @@ class Document:
 
     input_ids: list[int]
     label: str  # the class's name as the row gave it (an integer label as its decimal string)
-    target: int = -1  # the class's index in the run's label set
+    target: int  # the class's index in the run's label set
+    truncated: bool = False  # cut to data.max_seq_len (by the tokenizer, at encoding)
 
     @property
     def labels(self) -> list[int]:

@@ -158,9 +158,8 @@ def _truncate(example: Example | Pair, max_len: int):
         if chosen is _Dropped or rejected is _Dropped or chosen[0].input_ids == rejected[0].input_ids:
             return _Dropped
         return dataclasses.replace(example, chosen=chosen[0], rejected=rejected[0]), chosen[1] or rejected[1]
-    if isinstance(example, Document):  # its class is its label: truncation keeps the head, drops nothing
-        truncated = len(example.input_ids) > max_len
-        return dataclasses.replace(example, input_ids=example.input_ids[:max_len]), truncated
+    if isinstance(example, Document):  # cut by the tokenizer as it encoded (classification.py); never dropped
+        return example, example.truncated
     truncated = len(example.input_ids) > max_len
     if truncated:
         example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)

@@ -86,6 +86,25 @@ def test_truncation_keeps_the_head_and_drops_nothing(tmp_path, tiny_tokenizer):
     assert report.truncated == 1 and report.dropped_no_labels == 0 and report.train_examples == 2
 
 
+def test_truncation_cuts_as_the_tokenizer_does_keeping_a_closing_special_token(tmp_path, tiny_model_dir):
+    """A tokenizer that closes every text with a special token keeps it when it truncates; the
+    documents are what a pipeline with truncation=True feeds the saved model."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
+    rows = [{"text": "word " * 50, "label": "a"}, {"text": "short", "label": "b"}]
+    train, _, report = prepare_data(cfg(write_jsonl(tmp_path / "d.jsonl", rows), max_seq_len=8), tok, seed=0)
+    long, short = train
+    assert long.input_ids == tok(rows[0]["text"], truncation=True, max_length=8)["input_ids"]
+    assert len(long.input_ids) == 8 and long.input_ids[0] == tok.bos_token_id and long.input_ids[-1] == tok.eos_token_id
+    assert short.input_ids == tok("short")["input_ids"] and short.input_ids[-1] == tok.eos_token_id
+    assert report.truncated == 1
+
+
 def test_one_class_is_not_a_classification_task(tmp_path, tiny_tokenizer):
     rows = [{"text": f"t{i}", "label": "same"} for i in range(4)]
     with pytest.raises(DataError, match="1 distinct label"):
