@@ -141,17 +141,15 @@ def lora_config(peft: PeftConfig, scoring: bool = False):
     beside the adapters and is saved with them (peft's modules_to_save for SEQ_CLS)."""
     from peft import LoraConfig
 
-    targets = peft.target_modules
-    if scoring and list(targets) == ["all-linear"]:
-        # peft's all-linear leaves out the LM head only; a scoring head is trained in full instead.
-        return LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout, target_modules="all-linear",
-                          exclude_modules=list(HEAD_NAMES), use_dora=peft.method == "dora", task_type="SEQ_CLS")
+    # peft's "all-linear" adapts every linear layer except the LM head; a scoring head is left
+    # out too (it trains in full instead).
+    all_linear = list(peft.target_modules) == ["all-linear"]
     return LoraConfig(
         r=peft.r,
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
-        # peft's "all-linear" adapts every linear layer except the output head.
-        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        target_modules="all-linear" if all_linear else list(peft.target_modules),
+        exclude_modules=list(HEAD_NAMES) if scoring and all_linear else None,
         use_dora=peft.method == "dora",
         task_type="SEQ_CLS" if scoring else "CAUSAL_LM",
     )
