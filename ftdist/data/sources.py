@@ -93,9 +93,14 @@ def _check_columns(columns: Iterable[str], path: str, key: str | None = None) ->
         source = path if key is None else f"{key}={path}"
         raise DataError(f"data.columns={names}: names the columns of a header-less .csv or .tsv file, "
                         f"and {source} is not one; remove data.columns")
-    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+    if not distinct_names(names):
         raise DataError(f"data.columns={names}: needs one distinct, non-empty name per column")
     return names
+
+
+def distinct_names(names: list) -> bool:
+    """Column names a row can be keyed by: at least one, each a non-empty string, none twice."""
+    return bool(names) and len(set(names)) == len(names) and all(isinstance(n, str) and n for n in names)
 
 
 def read_rows(path: str, split: str = "train", num_synthetic_rows: int = 0, seed: int = 0,
@@ -248,7 +253,7 @@ def _tsv_rows(path: str, columns: list[str] | None) -> Iterator[Row]:
 
 
 def _tsv_header(location: str, names: list[str]) -> list[str]:
-    if not all(names) or len(set(names)) != len(names):
+    if not distinct_names(names):
         raise DataError(f"{location}: tsv header line {names} needs one distinct, non-empty name per column "
                         "(data.columns names the columns of a file without one)")
     return names
