@@ -107,6 +107,22 @@ def step_gradients(trainer, batches) -> tuple[dict, float]:
     return grads, totals["loss_sum"] / totals["count"]
 
 
+def packed_padded_accumulated(trainer, examples: list) -> list[tuple[dict, float]]:
+    """step_gradients of one global batch three ways: its packed rows (trainer("packed", True)),
+    its examples as one padded micro-batch, and as three accumulated ones (trainer(name, False)).
+    A packed step must hold several examples, some sharing a row."""
+    packed = trainer("packed", True)
+    items = packed.sampler.global_indices(0)
+    step = [i for item in items for i in packed.train_items[item]]
+    assert len(step) > 4 and any(len(packed.train_items[item]) > 1 for item in items)
+    padded, accumulated = trainer("padded", False), trainer("accumulated", False)
+    return [
+        step_gradients(packed, packed.step_batches(0)),
+        step_gradients(padded, [padded.collate_items(examples, [[i] for i in step])]),
+        step_gradients(accumulated, [accumulated.collate_items(examples, [[i] for i in step[k::3]]) for k in range(3)]),
+    ]
+
+
 def write_jsonl(path: Path, rows: list) -> str:
     """Rows are dicts (written as JSON) or raw strings (written as they are); returns the path."""
     Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_pairs, step_gradients
+from helpers import packed_padded_accumulated, random_pairs
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, ObjectiveConfig, PeftConfig, TinyModelSpec, TrainConfig
 from ftdist.constants import IGNORE_INDEX
@@ -170,15 +170,7 @@ def test_packed_and_accumulated_dpo_give_the_padded_gradient(tmp_path, policy):
         return make_trainer(tmp_path / name, objective, pairs, packing=packing, micro=2, model=copy.deepcopy(policy),
                             reference_model=copy.deepcopy(reference))
 
-    packed = trainer("packed", True)
-    step = [i for item in packed.sampler.global_indices(0) for i in packed.train_items[item]]
-    assert len(step) > 4 and any(len(packed.train_items[item]) > 1 for item in packed.sampler.global_indices(0))
-    runs = [step_gradients(packed, packed.step_batches(0))]
-    padded = trainer("padded", False)
-    runs.append(step_gradients(padded, [padded.collate_items(pairs, [[i] for i in step])]))
-    thirds = [step[k::3] for k in range(3)]
-    accumulated = trainer("accumulated", False)
-    runs.append(step_gradients(accumulated, [accumulated.collate_items(pairs, [[i] for i in part]) for part in thirds]))
+    runs = packed_padded_accumulated(trainer, pairs)
     reference_grads, reference_loss = runs[1]
     for grads, loss in (runs[0], runs[2]):
         assert loss == pytest.approx(reference_loss, rel=1e-5)

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_pairs, step_gradients
+from helpers import packed_padded_accumulated, random_pairs
 
 from ftdist.config import DataConfig, FtdistConfig, ModelConfig, ObjectiveConfig, PeftConfig, TinyModelSpec, TrainConfig
 from ftdist.data.example import Document
@@ -109,15 +109,7 @@ def test_packed_and_accumulated_give_the_padded_gradient(tmp_path, tiny_tokenize
     def trainer(name, packing):
         return make_trainer(tmp_path / name, tiny_tokenizer, copy.deepcopy(base), examples, cfg, packing, micro=2)
 
-    packed = trainer("packed", True)
-    step = [i for item in packed.sampler.global_indices(0) for i in packed.train_items[item]]
-    assert len(step) > 4 and any(len(packed.train_items[item]) > 1 for item in packed.sampler.global_indices(0))
-    runs = [step_gradients(packed, packed.step_batches(0))]
-    padded = trainer("padded", False)
-    runs.append(step_gradients(padded, [padded.collate_items(examples, [[i] for i in step])]))
-    accumulated = trainer("accumulated", False)
-    thirds = [step[k::3] for k in range(3)]
-    runs.append(step_gradients(accumulated, [accumulated.collate_items(examples, [[i] for i in part]) for part in thirds]))
+    runs = packed_padded_accumulated(trainer, examples)
     want_grads, want_loss = runs[1]
     assert "score" in " ".join(want_grads), "the head must train"
     for grads, loss in (runs[0], runs[2]):
