@@ -129,28 +129,16 @@ class LocalSlurm:
 
     def wait_job(self, job_id: str, timeout: float = 600, release_requeued: bool = True) -> dict:
         """Wait for a job to end; a requeued job is let start at once (Slurm holds it ~2 minutes)."""
-        return self.wait_jobs(job_id, timeout=timeout, release_requeued=release_requeued)[0]
-
-    def wait_jobs(self, *job_ids: str, timeout: float = 600, release_requeued: bool = True) -> list[dict]:
-        """wait_job for several jobs at once: each requeued job is let start as soon as it is
-        requeued, not once the jobs before it in the list have ended."""
         deadline = time.monotonic() + timeout
-        ended: dict[str, dict] = {}
         while time.monotonic() < deadline:
-            for job_id in job_ids:
-                if job_id in ended:
-                    continue
-                info = self.job(job_id)
-                state = info.get("JobState")
-                if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                    ended[job_id] = info
-                elif release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
-                    self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-            if len(ended) == len(job_ids):
-                return [ended[job_id] for job_id in job_ids]
+            info = self.job(job_id)
+            state = info.get("JobState")
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return info
+            if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(1)
-        pending = [job_id for job_id in job_ids if job_id not in ended]
-        raise TimeoutError(f"jobs {pending} did not end in {timeout:.0f} s: {[self.job(j) for j in pending]}")
+        raise TimeoutError(f"job {job_id} did not end in {timeout:.0f} s: {self.job(job_id)}")
 
     def stop(self) -> None:
         self.run("scancel", "--user=root", check=False)
