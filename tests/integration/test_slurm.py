@@ -99,7 +99,7 @@ def test_sbatch_job_trains_and_a_preempted_job_requeues_and_resumes_exactly(slur
     wait_for_step(preempted, 3)
     slurm.run("scancel", "--signal=USR1", "--batch", preempted_job)
 
-    # One after the other, not with wait_jobs: polled from the moment of the signal, the preempted
+    # One after the other, not both polled at once: polled from the moment of the signal, the preempted
     # job showed FAILED for an instant between its step's exit and its requeue (seen in CI), and a
     # waiter takes that for its end. By the time the plain job has ended it is requeued.
     plain_info = slurm.wait_job(plain_job)
