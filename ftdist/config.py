@@ -194,12 +194,54 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Task metrics computed by greedy generation on held-out rows (instruction and chat)."""
+class GenerationEvalConfig:
+    """Task metrics of greedy (or seeded sampled) generations on held-out instruction/chat rows."""
 
-    exact_match_samples: int = 0  # 0 disables exact-match evaluation
+    # exact_match | normalized_match | numeric_answer | token_f1 | json_valid | regex:PATTERN
+    # (ftdist/eval/metrics.py says what each compares)
+    metrics: list[str] = field(default_factory=lambda: ["exact_match"])
+    samples: int = 0  # held-out rows generated for; 0 disables generation metrics
     max_new_tokens: int = 64
     batch_size: int = 32
+    do_sample: bool = False  # false: greedy; true: sampled with temperature/top_p from `seed`
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Also generate at every train.eval_every_steps eval (they always run at step 0 and at the end).
+    every_eval: bool = False
+
+
+@dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness on base and tuned models (pip install 'ftdist[eval]')."""
+
+    tasks: list[str] = field(default_factory=list)  # empty: not run
+    include_path: str | None = None  # a directory of task YAML files (local tasks, offline)
+    num_fewshot: int | None = None
+    limit: int | None = None  # documents per task; null: all
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: the objective's metrics, generation metrics, forgetting, the report."""
+
+    generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    # What `ftdist.eval RUN_DIR` evaluates as the tuned model: null is RUN_DIR/final (else its
+    # newest checkpoint); or a checkpoint step_N, a final/, or any Hugging Face model directory.
+    checkpoint: str | None = None
+    compare_base: bool = True  # also evaluate the base model (model.*), side by side
+    # General text the user trusts (any data source: .jsonl/.json/.parquet/.csv/.tsv, hub):
+    # perplexity of base and tuned models on it measures forgetting.
+    reference_data: str | None = None
+    reference_field: str = "text"  # the column holding each document's text
+    reference_max_docs: int | None = None  # the first N documents; null: all
+    # Stop with exit code 5 when the tuned model's perplexity on reference_data exceeds the
+    # base's by more than this fraction (0.1: 10%).
+    max_forgetting: float | None = None
+    at_end: bool = False  # a training run ends with the whole ftdist.eval (report, forgetting gate)
+    report_generations: int = 5  # generations shown in report.md/html (all are in generations.jsonl)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -406,8 +448,9 @@ POSITIVE = (
     "train.grad_accum_steps",
     "train.log_every_steps",
     "train.eval_batch_size",
-    "eval.max_new_tokens",
-    "eval.batch_size",
+    "eval.generation.max_new_tokens",
+    "eval.generation.batch_size",
+    "eval.lm_eval.batch_size",
     "strategy.timeout_s",
     "strategy.preflight_timeout_s",
     "peft.r",
@@ -474,12 +517,35 @@ def validate(cfg: FtdistConfig) -> None:
             f"data.max_seq_len={d.max_seq_len} exceeds model.tiny.max_position_embeddings="
             f"{m.tiny.max_position_embeddings}"
         )
-    if cfg.eval.exact_match_samples < 0:
-        raise ConfigError(f"eval.exact_match_samples must be >= 0 (got {cfg.eval.exact_match_samples})")
+    validate_eval(cfg.eval)
     validate_objective(cfg)
     validate_parallel(cfg)
     validate_slurm(cfg)
     validate_plan(cfg)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    from ftdist.eval.metrics import check_metric_specs
+
+    g = e.generation
+    if g.samples < 0:
+        raise ConfigError(f"eval.generation.samples must be >= 0 (got {g.samples})")
+    try:
+        check_metric_specs(g.metrics)
+    except ValueError as err:
+        raise ConfigError(f"eval.generation.metrics: {err}") from None
+    if g.temperature <= 0 or not 0 < g.top_p <= 1:
+        raise ConfigError(f"eval.generation.temperature must be > 0 and top_p in (0, 1] (got {g.temperature}, {g.top_p})")
+    for key in ("reference_max_docs", "lm_eval.limit", "lm_eval.num_fewshot"):
+        value = _get(e, key)
+        if value is not None and value < (0 if key == "lm_eval.num_fewshot" else 1):
+            raise ConfigError(f"eval.{key} must be {'>= 0' if key == 'lm_eval.num_fewshot' else '> 0'} or null (got {value})")
+    if e.max_forgetting is not None and e.max_forgetting < 0:
+        raise ConfigError(f"eval.max_forgetting must be >= 0 or null (got {e.max_forgetting})")
+    if e.max_forgetting is not None and e.reference_data is None:
+        raise ConfigError("eval.max_forgetting needs eval.reference_data (the text whose perplexity it gates on)")
+    if e.report_generations < 0:
+        raise ConfigError(f"eval.report_generations must be >= 0 (got {e.report_generations})")
 
 
 FORMAT_WHAT = {"preference": "chosen/rejected pairs", "classification": "labelled texts"}

@@ -312,7 +312,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             every = cfg.train.eval_every_steps
             if has_val and every and self.step % every == 0 and self.step < self.total_steps:
-                self._log_eval(self.evaluate(with_generation=False))
+                self._log_eval(self.evaluate(with_generation=cfg.eval.generation.every_eval))
             self._after_step()
         if bar is not None:
             bar.close()

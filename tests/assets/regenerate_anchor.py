@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: helpers (the same launch as the 
 OVERRIDES = [
     "+experiment=tiny_cpu",
     "data.num_synthetic_rows=300",
-    "eval.exact_match_samples=0",
+    "eval.generation.samples=0",
     "train.eval_at_start=false",
     "train.eval_every_steps=null",
     "train.progress_bar=false",

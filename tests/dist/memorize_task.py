@@ -30,12 +30,12 @@ SEEN = [
     ("Where does Farid Haddad Berg live?", "Cairo"),
 ]
 UNSEEN = [("Where does Grace Kim live?", "Seoul"), ("Where does Hugo live?", "Oslo")]
-# Unseen at 1 and 4; the 8th row lies past exact_match_samples and must not be evaluated. Names
+# Unseen at 1 and 4; the 8th row lies past eval.generation.samples and must not be evaluated. Names
 # of 1-3 words: every chunk of generation (3 prompts, however split over ranks) is left-padded.
 VALIDATION = [SEEN[0], UNSEEN[0], SEEN[1], SEEN[2], UNSEEN[1], SEEN[3], SEEN[4], SEEN[5]]
 SAMPLES, MAX_NEW_TOKENS, STEPS = 7, 8, 60
 # Two ranks split 7 prompts 4 + 3; in chunks of 3, rank 1 runs a filler chunk under sharding.
-EVAL = [f"eval.exact_match_samples={SAMPLES}", f"eval.max_new_tokens={MAX_NEW_TOKENS}", "eval.batch_size=3"]
+EVAL = [f"eval.generation.samples={SAMPLES}", f"eval.generation.max_new_tokens={MAX_NEW_TOKENS}", "eval.generation.batch_size=3"]
 # Global batch 8 in every run: one process x 8, or 2 ranks x 4 (one micro-batch per step).
 RUNS = {  # name: (overrides, nproc)
     "single": (["train.micro_batch_size=8"], None),

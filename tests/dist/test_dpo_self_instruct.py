@@ -48,7 +48,7 @@ def runs(pairs_path, tmp_path_factory):
             "model=tiny", "data=preference", f"data.path={pairs_path}", "data.max_seq_len=256",
             "data.max_val_examples=4", "objective=dpo", "train.lr=0", "train.max_steps=2",
             f"train.micro_batch_size={MICRO}", "train.eval_every_steps=null", "train.progress_bar=false",
-            "eval.exact_match_samples=0", *overrides, f"output_dir={root / name}",
+            "eval.generation.samples=0", *overrides, f"output_dir={root / name}",
         ], nproc=nproc)
 
     # The one-process run beside the first 2-rank run (helpers.concurrently), then the other.

@@ -1,11 +1,11 @@
-"""Exact match (`eval.exact_match_samples`) reports what a plain greedy decode of each prompt gives.
+"""Exact match (`eval.generation.samples`) reports what a plain greedy decode of each prompt gives.
 
 The runs learn memorize_task's six question -> city pairs; its validation file holds those six
 and two questions never trained on, so the fine-tuned score is neither 0 nor 1 and the base
 model's is 0. Each run's per-example record (output_dir/eval/exact_match_step_N.jsonl) and its
 reported score are checked against an independent decode in this process: the run's final/
 model (or the base model for step 0) loaded with transformers, each prompt alone, unpadded, no
-KV cache, argmax token by token until eos or eval.max_new_tokens.
+KV cache, argmax token by token until eos or eval.generation.max_new_tokens.
 
 Two ranks split the prompts; under fsdp and zero3 the parameters are sharded, so ranks generate
 in lock-step (synced_gpus), and with 7 samples in chunks of 3 rank 1 runs one filler chunk.

@@ -51,7 +51,7 @@ def test_multi_turn_and_tool_chats_train_with_a_qwen3_template_per_turn_where_ne
     dcfg = compose([
         *FAST, "data=chat", f"data.path={data}", f"data.validation_path={val}", f"data.chat_template={TEMPLATE}",
         "data.max_seq_len=1024", "data.packing=true", "train.micro_batch_size=2", "train.max_steps=3",
-        "train.eval_every_steps=3", "eval.exact_match_samples=1", "eval.max_new_tokens=4", "checkpoint.every_steps=3",
+        "train.eval_every_steps=3", "eval.generation.samples=1", "eval.generation.max_new_tokens=4", "checkpoint.every_steps=3",
         f"output_dir={run_dir}",
     ])
     trainer, summary = run(dcfg, output_dir=str(run_dir))

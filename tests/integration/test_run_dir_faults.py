@@ -159,7 +159,7 @@ def test_overwrite_moves_the_previous_run_aside_and_trains_afresh(crashed_copy):
     assert json.loads((crashed_copy / "summary.json").read_text())["complete"] is True
 
 
-EM = [*FAST, "train.max_steps=4", "eval.exact_match_samples=4", "eval.max_new_tokens=8"]
+EM = [*FAST, "train.max_steps=4", "eval.generation.samples=4", "eval.generation.max_new_tokens=8"]
 
 
 @pytest.fixture(scope="module")

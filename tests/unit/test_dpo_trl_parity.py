@@ -106,7 +106,7 @@ def ftdist_overrides(pairs_path, reference_dir, out_dir, template: str, loss_typ
         f"train.max_steps={STEPS}", f"train.micro_batch_size={PAIRS}", "train.grad_accum_steps=1", f"train.lr={LR}",
         "train.schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.adam_beta1=0.9",
         "train.adam_beta2=0.95", "train.adam_eps=1e-8", "train.max_grad_norm=null", "train.mixed_precision=none",
-        "train.eval_every_steps=null", "train.progress_bar=false", "eval.exact_match_samples=0",
+        "train.eval_every_steps=null", "train.progress_bar=false", "eval.generation.samples=0",
         f"output_dir={out_dir}",
     ]
 
