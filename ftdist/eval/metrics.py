@@ -26,7 +26,8 @@ REGEX_PREFIX = "regex:"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # A number as people write one: sign, thousands separators, decimals ("-1,234.50", "3", ".5").
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
+# A hyphen after a letter or digit joins words or spans a range ("10-12", "16-3"): not a sign.
+_NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?")
 _GSM8K_ANSWER = re.compile(r"####\s*(.+)")
 
 
@@ -81,10 +82,15 @@ def token_f1(response: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; RFC 8259 does not
+
+
 def json_valid(response: str, reference: str) -> float:
+    # ValueError, not only JSONDecodeError: an integer past Python's digit limit raises a plain one.
     try:
-        json.loads(response)
-    except (json.JSONDecodeError, RecursionError):
+        json.loads(response, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
         return 0.0
     return 1.0
 
