@@ -284,7 +284,7 @@ def run_one(args) -> dict:
             "linear_layers_4bit": quantized,
             "seq_len": args.seq_len,
             "micro_batch_rows": args.micro,
-            "attn_implementation": trainer.attn_implementation,
+            "attn_implementation": trainer.logits.attn_implementation,
             "bf16": trainer.bf16,
             "gradient_checkpointing": True,
             "warmup_steps": args.warmup_steps,

@@ -20,7 +20,10 @@ EXIT_MERGE_MISMATCH = 1  # export: the merged model's logits differ from the ada
 EXIT_BAD_INPUT = 2  # a config, data or file the user must fix; the message names it
 EXIT_NONFINITE = 3  # a NaN/Inf loss or gradient with train.on_nonfinite=raise
 EXIT_PREFLIGHT = 4  # some ranks never joined the process group
+# The tuned model's perplexity on eval.reference_data rose more than eval.max_forgetting
+# (ftdist.eval, and ftdist.train with eval.at_end=true): a gate a pipeline can test for.
+EXIT_FORGETTING = 5
 # A checkpoint could not be written (disk full, quota, I/O error): not requeued as 75 would be,
 # since the next attempt would fail the same way until someone frees space.
-EXIT_CHECKPOINT_WRITE = 5
+EXIT_CHECKPOINT_WRITE = 6
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; distinct from errors (1) and bad input (2)

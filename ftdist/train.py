@@ -29,7 +29,14 @@ from ftdist.config import (
     load_config,
     register_schemas,
 )
-from ftdist.constants import EXIT_BAD_INPUT, EXIT_CHECKPOINT_WRITE, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_PREFLIGHT
+from ftdist.constants import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECKPOINT_WRITE,
+    EXIT_FORGETTING,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_PREFLIGHT,
+)
 from ftdist.parallel.process_group import PreflightError, launched_world_size
 from ftdist.resilience import NonFiniteError, Preempted
 
@@ -109,7 +116,10 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         tracker = start_wandb(cfg, strategy, run_dir)
         setup_logging(run_dir, strategy.is_main)
         claim.log_notes()
-        return train_in(cfg, dcfg, strategy, run_dir, claim.resume_from, tracker)
+        trainer, summary = train_in(cfg, dcfg, strategy, run_dir, claim.resume_from, tracker)
+        if cfg.eval.at_end and summary.get("complete"):
+            evaluate_at_end(cfg, strategy, run_dir, trainer)
+        return trainer, summary
     except (ConfigError, DataError, PreflightError):
         bad_input = True  # the run directory goes if this invocation found it empty
         if not strategy.is_main:
@@ -180,6 +190,15 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
     return trainer, summary
 
 
+def evaluate_at_end(cfg, strategy, run_dir: Path, trainer) -> None:
+    """eval.at_end: the whole `ftdist.eval RUN_DIR` (base versus final/, forgetting gate, report),
+    with the trained model's memory released first."""
+    from ftdist.eval.runner import run_evaluation
+
+    trainer.release_model()
+    run_evaluation(cfg, strategy, run_dir, run_dir / "eval")
+
+
 def load_reference_model(cfg, strategy):
     """DPO's frozen reference: objective.reference_path (as saved), else the policy's starting
     weights loaded as the policy is (the same strategy, dtype, attention and 4-bit quantization
@@ -243,6 +262,7 @@ def report_summary(summary: dict) -> None:
 def main(dcfg: DictConfig) -> None:
     from ftdist.checkpoint import CheckpointWriteError
     from ftdist.data.prepare import DataError
+    from ftdist.eval.runner import ForgettingExceeded
     from ftdist.run_dir import remove_if_empty
     from ftdist.slurm import in_submitit_job, run_torchrun_in_job
 
@@ -261,6 +281,9 @@ def main(dcfg: DictConfig) -> None:
         say(f"ftdist: PreflightError: {e}")
         remove_if_empty(run_dir, fresh)
         leave(EXIT_PREFLIGHT)
+    except ForgettingExceeded as e:  # the run and its report are complete; the gate failed
+        say(f"ftdist: forgetting: {e}")
+        leave(EXIT_FORGETTING)
     except NonFiniteError as e:
         say(f"ftdist: NonFiniteError: {e}")
         leave(EXIT_NONFINITE)

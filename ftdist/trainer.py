@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -52,6 +53,26 @@ def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:
     return mode == "bf16"
 
 
+class ModelForward:
+    """(model, micro-batch) -> logits as every pass of a run computes them: the run's precision
+    (bf16 autocast where the strategy does not already cast) and the masks packed rows need
+    under the backend the model loaded with. Built from the unwrapped model, before wrapping."""
+
+    def __init__(self, model: torch.nn.Module, strategy: Strategy, bf16: bool):
+        self.attn_implementation = require_attr(
+            model.config, "_attn_implementation", "transformers", "packed batches need the backend the model loaded with"
+        )
+        self.sliding_window = sliding_window_of(model.config)
+        self.model_dtype = next(model.parameters()).dtype
+        self.device_type = strategy.device.type
+        self.autocast = bf16 and not strategy.handles_mixed_precision
+
+    def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        autocast = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with autocast:
+            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
+
+
 class Trainer:
     def __init__(
         self,
@@ -86,15 +107,11 @@ class Trainer:
             if t.max_steps is not None
             else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size)
         )
-        self.attn_implementation = require_attr(
-            model.config, "_attn_implementation", "transformers", "packed batches need the backend the model loaded with"
-        )
-        self.sliding_window = sliding_window_of(model.config)
-        self.model_dtype = next(model.parameters()).dtype
         self.flops = TrainFlops.of(model)
         self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
         self.peak_flops = device_peak_flops(self.device)
         self.bf16 = use_bf16(cfg, self.device)
+        self.logits = ModelForward(model, strategy, self.bf16)
         self.model, self.optimizer, self.scheduler = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg),
@@ -124,11 +141,6 @@ class Trainer:
 
     def collate_items(self, examples: list, items: list[list[int]]) -> MicroBatch:
         return self.objective.collate(examples, items)
-
-    def logits(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        autocast = self.bf16 and not self.strategy.handles_mixed_precision
-        with torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
     def forward_backward(self, batches: list[MicroBatch]) -> dict:
         """Accumulate this rank's gradients for one global batch; returns global totals (and
@@ -450,6 +462,14 @@ class Trainer:
                 out[f"{task}_before"] = carry[f"{task}_before"]
                 out[f"{task}_after"] = after[-1][task]
         return out
+
+    def release_model(self) -> None:
+        """Drop the trained model and optimizer (after save_final), so a following evaluation
+        (eval.at_end) loads its models into the memory they held."""
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def save_final(self) -> Path | None:
         """The trained model in Hugging Face format, by the code `ftdist.export` uses (rank 0

@@ -72,6 +72,14 @@ class EvalContext:
     step: int
     run_dir: Path
     cfg: Any  # ftdist.config.FtdistConfig
+    # None during training: per-example records go to run_dir/eval/KIND_step_N.jsonl; ftdist.eval
+    # names the model instead (eval/KIND_base.jsonl, eval/KIND_tuned.jsonl).
+    record_tag: str | None = None
+
+    def record_path(self, kind: str) -> Path:
+        """Where this pass writes its per-example records of `kind` (generations, predictions)."""
+        name = f"{kind}_{self.record_tag}" if self.record_tag else f"{kind}_step_{self.step:08d}"
+        return self.run_dir / "eval" / f"{name}.jsonl"
 
 
 @dataclass

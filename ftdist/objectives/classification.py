@@ -195,7 +195,7 @@ class ClassificationObjective:
         }
 
     def write_predictions(self, ctx: EvalContext, index: list[int], probs: np.ndarray) -> None:
-        out = ctx.run_dir / "eval" / f"predictions_step_{ctx.step:08d}.jsonl"
+        out = ctx.record_path("predictions")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for i, p in zip(index, probs, strict=True):

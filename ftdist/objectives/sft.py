@@ -93,7 +93,7 @@ class SFTObjective:
         record = {"eval_loss": loss_sum / max(count, 1.0), "eval_label_tokens": int(count)}
         gen = ctx.cfg.eval.generation
         if with_generation and gen.samples > 0:
-            record_to = ctx.run_dir / "eval" / f"generations_step_{ctx.step:08d}.jsonl" if ctx.run_dir else None
+            record_to = ctx.record_path("generations")
             means, total, _ = generation_metrics(
                 ctx.model, ctx.tokenizer, ctx.examples, gen, ctx.strategy, record_to,
                 reasoning_close=ctx.cfg.data.reasoning_tags[1],

@@ -2,7 +2,7 @@
 
 The runs learn memorize_task's six question -> city pairs; its validation file holds those six
 and two questions never trained on, so the fine-tuned score is neither 0 nor 1 and the base
-model's is 0. Each run's per-example record (output_dir/eval/exact_match_step_N.jsonl) and its
+model's is 0. Each run's per-example record (output_dir/eval/generations_step_N.jsonl) and its
 reported score are checked against an independent decode in this process: the run's final/
 model (or the base model for step 0) loaded with transformers, each prompt alone, unpadded, no
 KV cache, argmax token by token until eos or eval.generation.max_new_tokens.
@@ -41,7 +41,7 @@ def greedy_decode(model, tokenizer, prompt_ids: list[int]) -> str:
 
 
 def records(run_dir: Path, step: int) -> list[dict]:
-    path = run_dir / "eval" / f"exact_match_step_{step:08d}.jsonl"
+    path = run_dir / "eval" / f"generations_step_{step:08d}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -72,7 +72,7 @@ def test_exact_match_equals_an_independent_greedy_decode(run, when):
     assert [r["reference"] for r in got] == [r for _, r in VALIDATION[:SAMPLES]]
     assert [r["response"] for r in got] == expected
     assert [r["match"] for r in got] == matches
-    assert reported["exact_match_n"] == SAMPLES
+    assert reported["generation_n"] == SAMPLES
     assert reported["exact_match"] == pytest.approx(sum(matches) / SAMPLES, abs=1e-12)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary[f"exact_match_{when}"] == reported["exact_match"]

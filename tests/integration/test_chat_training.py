@@ -66,7 +66,7 @@ def test_multi_turn_and_tool_chats_train_with_a_qwen3_template_per_turn_where_ne
     assert report["val_turns"] == {"whole": 1, "per_turn": 2} and report["val_examples"] == 5
     assert report["reasoning_turns"] == n and report["reasoning_not_rendered"] == 0
     train, evals = read_metrics(run_dir)
-    assert len(train) == 3 and all(r["loss"] > 0 for r in train) and evals[-1]["exact_match_n"] == 1
+    assert len(train) == 3 and all(r["loss"] > 0 for r in train) and evals[-1]["generation_n"] == 1
 
     # The tool-use row's second turn, as the model sees it at inference: the call it made (without
     # the think block Qwen3 drops from earlier turns), the tool's result, then its answer. The tiny
