@@ -83,7 +83,8 @@ def forgetting_line(forgetting: dict) -> str:
         line += f" ({change:+.1%})"
     if f.get("max_forgetting") is None:
         return line + "; no threshold set (eval.max_forgetting)"
-    verdict = "EXCEEDED" if f.get("exceeded") else "passed"
+    # Without a base perplexity (eval.compare_base=false) there is no change to hold to the gate.
+    verdict = {True: "EXCEEDED", False: "passed"}.get(f.get("exceeded"), "not checked (no base perplexity)")
     return line + f"; threshold +{f['max_forgetting']:.1%}: {verdict}"
 
 

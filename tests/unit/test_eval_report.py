@@ -223,6 +223,20 @@ def test_forgetting_gate_and_missing_threshold(tmp_path):
     assert "(+20.0%); threshold +10.0%: EXCEEDED" in md
     report["forgetting"].update(max_forgetting=None, exceeded=None)
     assert "no threshold set" in describe_report(report)[-1]
+    # eval.compare_base=false: the runner's block has no base perplexity, change or verdict.
+    report = tuned_only_report() | {
+        "forgetting": {
+            "reference_data": "ref.jsonl",
+            "documents": 5,
+            "tokens": 900,
+            "tuned_perplexity": 9.5,
+            "max_forgetting": 0.1,
+        }
+    }
+    paths = write_report(tmp_path / "b", report)
+    assert "forgetting" not in paths  # nothing to compare: no plot
+    line = "perplexity on ref.jsonl: base — -> tuned 9.5000; threshold +10.0%: not checked (no base perplexity)"
+    assert line in paths["md"].read_text() and describe_report(report)[-1] == "forgetting: " + line
 
 
 def test_describe_report_lines():
