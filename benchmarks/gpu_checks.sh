@@ -15,13 +15,19 @@
 #      pairs/s, MFU, peak memory, and the loss of step 1, which must be ln 2 (0.693147) up to
 #      bf16 noise. A step is one 4096-token row of packed pairs: as many token slots as step 5's
 #      2 rows of 2048, so the two runs' tokens/s and memory compare.
+#   7. vLLM parity (tests/gpu/test_vllm_parity.py, never yet run on a GPU): a merged export of a tiny
+#      LoRA run served by vLLM gives ftdist.generate's greedy text. vLLM pins its own torch, so it
+#      gets its own venv ($VLLM_VENV, default /tmp/vllm_venv): from FTDIST_VLLM_PYTHON if set, else
+#      installed from wheels carried in .whl/vllm/ (vllm and everything it pins), else from the
+#      package registry where the machine reaches one; without any, the step says so and skips.
+#      ONLY=vllm runs the environment steps and this step alone (a session lent a GPU for it).
 # DPO's other checks are CPU tests, run by the ordinary suite and not here: tests/unit/test_dpo.py,
 # test_dpo_trl_parity.py, test_objectives.py, test_preference_data.py, test_plan_dpo.py,
 # tests/dist/test_dpo_strategies.py, test_dpo_self_instruct.py (gloo), tests/integration/
 # test_dpo_demo.py, test_dpo_resume.py.
-# Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (7 files):
+# Each step has its own timeout, cut so the later steps keep their share. Writes to $OUT (8 files):
 # gpu_checks.log (everything), env.txt, pytest.log, packing_sdpa.json, packing_flex.json,
-# gpu_adapters.json, gpu_dpo.json. Needs .whl/ and .data/ (the packing mix) carried into the repo root.
+# gpu_adapters.json, gpu_dpo.json, vllm.log. Needs .whl/ and .data/ (the packing mix) carried into the repo root.
 #
 #   bash benchmarks/gpu_checks.sh
 
@@ -95,9 +101,11 @@ except Exception as e:  # noqa: BLE001
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
+if [[ ${ONLY:-} != vllm ]]; then
 step "pytest -m gpu tests/gpu"
 t=$(budget 200 340)
-FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider 2>&1 \
+FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider \
+    --ignore=tests/gpu/test_vllm_parity.py 2>&1 \
     | tee "$OUT/pytest.log"
 echo "pytest: rc ${PIPESTATUS[0]} (timeout ${t} s)"
 
@@ -123,6 +131,27 @@ t=$(budget 90 0)
 timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --objective dpo --methods qlora --micro 1 \
     --budget-s $((t - 10)) > "$OUT/gpu_dpo.json"
 echo "gpu_dpo: rc $? (timeout ${t} s)"
+fi
+
+step "vLLM parity: its own venv, then tests/gpu/test_vllm_parity.py"
+VLLM_VENV=${VLLM_VENV:-/tmp/vllm_venv}
+if [[ -z ${FTDIST_VLLM_PYTHON:-} ]]; then
+    t=$(budget 240 60)
+    python3 -m venv "$VLLM_VENV"
+    if compgen -G ".whl/vllm/*.whl" > /dev/null; then
+        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q --no-index --find-links .whl/vllm vllm
+    else
+        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q vllm
+    fi
+    echo "vllm install: rc $? (timeout ${t} s)"
+    export FTDIST_VLLM_PYTHON=$VLLM_VENV/bin/python
+fi
+"$FTDIST_VLLM_PYTHON" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" \
+    || echo "vllm: not importable from $FTDIST_VLLM_PYTHON; test_vllm_parity skips"
+t=$(budget 150 0)
+FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu/test_vllm_parity.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/vllm.log"
+echo "vllm parity: rc ${PIPESTATUS[0]} (timeout ${t} s)"
 
 step "summary"
 python3 - "$OUT" <<'EOF'
@@ -149,6 +178,7 @@ for name in ("packing_sdpa.json", "packing_flex.json", "gpu_adapters.json", "gpu
         print(name, json.dumps({k: data[k] for k in keep_packing if k in data}))
 EOF
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+grep -E "passed|failed|skipped|error" "$OUT/vllm.log" | tail -3
 echo "total: $((SECONDS - START)) s"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null || sleep 1  # the log is complete before the machine collects $OUT
