@@ -107,6 +107,10 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
         # is written: a wrong model fails in seconds and leaves no run directory behind.
         check_model(cfg.model, strategy.device, scoring=scores_sequences(cfg.objective.name))
         check_data_source(cfg.data)  # a missing local file, before a hub tokenizer is retried
+        if cfg.eval.at_end:
+            from ftdist.eval.perplexity import check_reference_source
+
+            check_reference_source(cfg.eval, cfg.data)
         run_dir = agree_run_dir(strategy, output_dir or HydraConfig.get().runtime.output_dir)
         # Before anything is written into it: one run at a time, and what a rerun may do there.
         claim = claim_run_dir(cfg, strategy, run_dir)
@@ -164,6 +168,10 @@ def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path |
         run_files[CHAT_TEMPLATE_FILE] = tokenizer.chat_template
     objective = build_objective(cfg, tokenizer)
     train_examples, val_examples, report = objective.prepare_data(tokenizer)
+    if cfg.eval.at_end and cfg.eval.reference_data is not None:  # read now: a bad file fails before training
+        from ftdist.eval.perplexity import read_reference_text
+
+        read_reference_text(cfg.eval, cfg.data, tokenizer, cfg.seed)
     run_files["data_report.json"] = json.dumps(report.to_dict(), indent=2) + "\n"
     if resume_from is None:
         write_run_files()

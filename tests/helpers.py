@@ -87,6 +87,28 @@ def shared_run(tmp_path_factory, overrides: list[str], nproc: int | None = None)
     return _SHARED_RUNS[key]
 
 
+LORA_GENERATION_STEPS = 30
+
+
+def lora_generation_run(tmp_path_factory) -> Path:
+    """A directory holding train.jsonl, val.jsonl (6 rows) and run/: a LoRA run of
+    LORA_GENERATION_STEPS steps, checkpointed at its end, that generated for every validation row
+    at its start and end (24 new tokens, batches of 4). Trained once per test session; callers
+    only read run/ (ftdist.generate and ftdist.eval tests share it)."""
+    from ftdist.data.synthetic import generate_rows
+
+    root = tmp_path_factory.getbasetemp() / "lora_generation"
+    if not (root / "run" / "summary.json").is_file():
+        root.mkdir(exist_ok=True)
+        write_jsonl(root / "train.jsonl", generate_rows("json_extraction", 300, seed=0))
+        write_jsonl(root / "val.jsonl", generate_rows("json_extraction", 6, seed=1))
+        run_train([*FAST, "peft=lora", f"train.max_steps={LORA_GENERATION_STEPS}", f"data.path={root / 'train.jsonl'}",
+                   f"data.validation_path={root / 'val.jsonl'}", "eval.generation.samples=6",
+                   "eval.generation.max_new_tokens=24", "eval.generation.batch_size=4",
+                   f"checkpoint.every_steps={LORA_GENERATION_STEPS}", f"output_dir={root / 'run'}"])
+    return root
+
+
 def train_beside(train, two_rank: list[str], one_process: list[str]) -> None:
     """train(name) for every name, each one-process run beside a 2-rank run (a 2-rank run leaves
     part of the second core idle: start-up, the launcher, collectives); the rest one at a time."""

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ftdist.config import ConfigError, FtdistConfig
+from ftdist.config import GROUP_SCHEMAS, ConfigError, FtdistConfig
 
 log = logging.getLogger("ftdist")
 
@@ -41,10 +41,29 @@ def eval_config(run_dir: Path, overrides: list[str]) -> FtdistConfig:
         merged = OmegaConf.merge(OmegaConf.structured(FtdistConfig), OmegaConf.load(path))
         # Hydra's grammar, as on the ftdist.train command line: lists, quoting, escapes.
         for override in OverridesParser.create().parse_overrides(overrides):
-            OmegaConf.update(merged, override.key_or_group, override.value(), merge=False)
+            key, value = override.key_or_group, override.value()
+            if key in GROUP_SCHEMAS:  # a group choice (strategy=fsdp): that option's file, as Hydra composes it
+                value = group_option(key, value)
+            OmegaConf.update(merged, key, value, merge=False)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"{path} with {' '.join(overrides)}: {hydra_error_message(e)}") from None
     return load_config(merged)
+
+
+def group_option(group: str, option) -> object:
+    """conf/GROUP/OPTION.yaml over the group's schema defaults."""
+    from omegaconf import OmegaConf
+
+    from ftdist.config import CONF_DIR
+
+    directory = Path(CONF_DIR) / group
+    path = directory / f"{option}.yaml"
+    if not isinstance(option, str) or not path.is_file():
+        options = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise ConfigError(f"{group}={option}: not an option of {group} (valid: {options})")
+    chosen = OmegaConf.load(path)
+    chosen.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(GROUP_SCHEMAS[group]), chosen)
 
 
 def setup_eval_logging(eval_dir: Path, is_main: bool) -> None:
@@ -65,12 +84,14 @@ def setup_eval_logging(eval_dir: Path, is_main: bool) -> None:
 def evaluate(run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate as the command line says; returns the report (empty on ranks other than 0)."""
     from ftdist.config import check_packages_import
+    from ftdist.eval.perplexity import check_reference_source
     from ftdist.eval.runner import run_evaluation
     from ftdist.parallel import build_strategy
     from ftdist.tracking import WandbTracker
 
     cfg = eval_config(run_dir, overrides)
     check_packages_import(cfg)
+    check_reference_source(cfg.eval, cfg.data)
     if cfg.eval.lm_eval.tasks:
         from ftdist.eval.harness import check_lm_eval_available
 

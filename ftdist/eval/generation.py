@@ -8,6 +8,7 @@ same text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def generate_responses(
         chunks += [filler] * (synced_chunks - len(chunks))
         extra["synced_gpus"] = True
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=gen.do_sample):
+    with torch.random.fork_rng(devices=devices, enabled=gen.do_sample), root_gathered(model):
         if gen.do_sample:
             torch.manual_seed(gen.seed)
         for chunk in chunks:
@@ -79,6 +80,23 @@ def generate_responses(
             new_tokens = generated[:, ids.shape[1] :]
             out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return out[: len(prompts)]
+
+
+@contextlib.contextmanager
+def root_gathered(model):
+    """An FSDP2 root's own parameters (embeddings, final norm, LM head) gathered for the whole
+    generate: its hooks gather them around the root's forward, and a PeftModel's generate
+    never calls that forward (it calls the wrapped model's), so they would stay sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def generation_metrics(

@@ -37,19 +37,27 @@ class ReferenceText:
 def reference_data_config(e: EvalConfig, data: DataConfig) -> DataConfig:
     """The run's data settings, reading eval.reference_data as plain text."""
     return dataclasses.replace(
-        data, path=e.reference_data, validation_path=None, format="text", columns=None,
+        data, path=e.reference_data, validation_path=None, format="text", columns=None, template="plain",
+        system_prompt=None,
         fields=dataclasses.replace(data.fields, text=e.reference_field),
     )
+
+
+def check_reference_source(e: EvalConfig, data: DataConfig) -> None:
+    """What can be told of eval.reference_data before anything loads (a missing file)."""
+    if e.reference_data is None:
+        return
+    try:
+        check_data_source(reference_data_config(e, data))
+    except DataError as err:
+        raise DataError(str(err).replace("data.path", "eval.reference_data", 1)) from None
 
 
 def read_reference_text(e: EvalConfig, data: DataConfig, tokenizer, seed: int) -> ReferenceText:
     """The reference documents as windows; bad rows stop it (data.on_bad_row=error) or are
     counted (skip); DataError where nothing usable is left."""
     cfg = reference_data_config(e, data)
-    try:
-        check_data_source(cfg)
-    except DataError as err:
-        raise DataError(str(err).replace("data.path", "eval.reference_data", 1)) from None
+    check_reference_source(e, data)
     rows = read_rows(cfg.path, "train", 0, seed)[: e.reference_max_docs]
     encoder = RowEncoder(cfg, tokenizer)
     windows, bad, documents = [], {}, 0

@@ -11,27 +11,19 @@ import sys
 
 import pytest
 import torch
-from helpers import FAST, REPO, run_env, run_train, write_jsonl
+from helpers import LORA_GENERATION_STEPS, REPO, lora_generation_run, run_env, write_jsonl
 
 from ftdist.constants import EXIT_BAD_INPUT
-from ftdist.data.synthetic import generate_rows
 from ftdist.generate import main
 
-STEPS = 30
-MAX_NEW = 24
-GEN = [f"eval.generation.max_new_tokens={MAX_NEW}", "eval.generation.batch_size=4"]
+STEPS = LORA_GENERATION_STEPS
+MAX_NEW = 24  # the run's eval.generation.max_new_tokens
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A LoRA run whose validation rows are a file of its own, generated for at its end."""
-    root = tmp_path_factory.mktemp("generate")
-    write_jsonl(root / "train.jsonl", generate_rows("json_extraction", 300, seed=0))
-    write_jsonl(root / "val.jsonl", generate_rows("json_extraction", 6, seed=1))
-    run_train([*FAST, "peft=lora", f"train.max_steps={STEPS}", f"data.path={root / 'train.jsonl'}",
-               f"data.validation_path={root / 'val.jsonl'}", "eval.generation.samples=6", *GEN,
-               f"output_dir={root / 'run'}"])
-    return root
+    return lora_generation_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
