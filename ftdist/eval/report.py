@@ -26,13 +26,23 @@ DATA_KEYS = ("source", "validation_source", "rows_read", "train_rows", "val_rows
              "train_examples", "val_examples", "train_tokens", "val_tokens")  # fmt: skip
 
 
+# How many units a figure was computed over (generation_n, eval_label_tokens, eval_documents, ...).
+COUNT_SUFFIXES = ("_n", "_tokens", "_documents", "_pairs", "sample_len")
+# Figures in their own units: losses, perplexities, rewards, margins, log-probabilities.
+UNBOUNDED = ("loss", "perplexity", "margin", "reward_", "rewards/chosen", "rewards/rejected", "logps/chosen",
+             "logps/rejected", "seconds")
+
+
 def _is_count(name: str) -> bool:
-    return name.endswith("_n")
+    return name.endswith(COUNT_SUFFIXES)
 
 
 def _is_fraction(name: str) -> bool:
-    """Generation and harness metrics are fractions in [0, 1]; losses and perplexities are not."""
-    return not (_is_count(name) or "loss" in name or "perplexity" in name)
+    """Generation, accuracy and harness metrics are fractions in [0, 1]; counts, losses,
+    perplexities, rewards and log-probabilities are not (chosen_preferred is a fraction)."""
+    if _is_count(name):
+        return False
+    return name.endswith("chosen_preferred") or not any(marker in name for marker in UNBOUNDED)
 
 
 def _is_number(value) -> bool:
