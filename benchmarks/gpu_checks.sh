@@ -135,13 +135,14 @@ fi
 
 step "vLLM parity: its own venv, then tests/gpu/test_vllm_parity.py"
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm_venv}
+VLLM_VERSION=0.33.0  # pinned, never "latest": the version this check was written against
 if [[ -z ${FTDIST_VLLM_PYTHON:-} ]]; then
     t=$(budget 240 60)
     python3 -m venv "$VLLM_VENV"
     if compgen -G ".whl/vllm/*.whl" > /dev/null; then
-        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q --no-index --find-links .whl/vllm vllm
+        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q --no-index --find-links .whl/vllm "vllm==$VLLM_VERSION"
     else
-        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q vllm
+        timeout -k 5 "$t" "$VLLM_VENV/bin/pip" install -q "vllm==$VLLM_VERSION"
     fi
     echo "vllm install: rc $? (timeout ${t} s)"
     export FTDIST_VLLM_PYTHON=$VLLM_VENV/bin/python
