@@ -138,8 +138,12 @@ def evaluate_model(role: str, cfg: FtdistConfig, strategy, data: EvalData, sourc
     """The objective's eval line, perplexity and harness figures of one model."""
     from ftdist.eval.perplexity import perplexity
 
+    from ftdist.train import seed_everything
+
     t0 = time.perf_counter()
     head = getattr(data.objective, "head", None)
+    # As training seeded before it loaded: a base model's new scoring head is the run's step-0 head.
+    seed_everything(cfg.seed)
     model, forward = load_eval_model(cfg, strategy, head, source, bf16)
     module = strategy.unwrap(model)
     metrics: dict = {}

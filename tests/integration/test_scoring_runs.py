@@ -5,6 +5,7 @@ classifier (its head trained in full beside the adapters), and `python -m ftdist
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -51,9 +52,10 @@ def validation_rows(task: str) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in held]
 
 
-def final_predictions(run_dir: Path) -> list[dict]:
+def final_predictions(run_dir: Path, raw: bool = False) -> list[dict] | str:
     steps = sorted((run_dir / "eval").glob("predictions_step_*.jsonl"))
-    return [json.loads(line) for line in steps[-1].read_text().splitlines()]
+    text = steps[-1].read_text()
+    return text if raw else [json.loads(line) for line in text.splitlines()]
 
 
 def score(model: Path, rows: list[dict], tmp_path: Path, *extra: str) -> list[dict]:
@@ -134,6 +136,27 @@ def test_reward_model_scores_rank_the_validation_pairs_as_its_evaluation_did(run
     assert ranked_right == pytest.approx(evals[-1]["eval_accuracy"])
     margin = sum(c - r for c, r in zip(chosen, rejected)) / len(rows)
     assert margin == pytest.approx(evals[-1]["eval_margin"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "reward"])
+def test_eval_gives_the_runs_own_step_0_and_final_figures(runs, name, tmp_path):
+    """ftdist.eval loads the base (its new head seeded as the run seeded it) and the final model
+    afresh; a LoRA classifier's eval also goes to an offline W&B run."""
+    run_dir = tmp_path / name
+    shutil.copytree(runs / name, run_dir)
+    _, evals = read_metrics(run_dir)
+    extra = ["tracking=wandb", "tracking.mode=offline"] if name == "lora" else []
+    subprocess.run([sys.executable, "-m", "ftdist.eval", str(run_dir), *extra], check=True, cwd=REPO, env=run_env(),
+                   capture_output=True, text=True)
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    for role, line in (("base", evals[0]), ("tuned", evals[-1])):
+        got = report["models"][role]["metrics"]
+        assert got.keys() == line.keys() - {"step"}, role
+        for key, value in got.items():
+            assert value == pytest.approx(line[key], rel=1e-5, abs=1e-6), (role, key)
+    if name == "lora":
+        assert (run_dir / "eval" / "predictions_tuned.jsonl").read_text() == final_predictions(run_dir, raw=True)
+        assert list((run_dir / "eval" / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
 
 
 def test_score_refuses_a_language_model_and_names_a_bad_row(runs, tiny_model_dir, tmp_path):
