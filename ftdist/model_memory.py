@@ -236,7 +236,7 @@ def reference_model_use(cfg: FtdistConfig) -> str | None:
 
 
 def reference_config(cfg: FtdistConfig) -> FtdistConfig:
-    """cfg as ftdist.train's load_reference_model loads the reference: the policy's starting base
+    """cfg as ftdist.model.loading's load_reference_model loads the reference: the policy's starting base
     (4-bit under qlora; its "parameters" part, adapters not counted), or objective.reference_path
     as saved, with no quantization (sized as the policy's architecture: a checkpoint of the same
     model). Nothing of it trains."""

@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,12 +41,6 @@ LINGER_S = 3.0  # how long other ranks wait for rank 0's clean-up after bad inpu
 
 log = logging.getLogger("ftdist")
 register_schemas()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -142,9 +133,9 @@ def run(dcfg: DictConfig, output_dir: str | None = None):
 def train_in(cfg, dcfg: DictConfig, strategy, run_dir: Path, resume_from: Path | None, tracker):
     """Data, model, Trainer.fit() and the run's files, in a run directory this invocation holds."""
     from ftdist.data.chat import CHAT_TEMPLATE_FILE, use_chat_template_file
-    from ftdist.model.loading import load_model, load_tokenizer
+    from ftdist.model.loading import load_model, load_reference_model, load_tokenizer
     from ftdist.objectives import build_objective
-    from ftdist.trainer import Trainer, use_bf16
+    from ftdist.trainer import Trainer, seed_everything, use_bf16
 
     run_files = {"config.yaml": OmegaConf.to_yaml(dcfg, resolve=True)}
     log.info(
@@ -205,23 +196,6 @@ def evaluate_at_end(cfg, strategy, run_dir: Path, trainer) -> None:
 
     trainer.release_model()
     run_evaluation(cfg, strategy, run_dir, run_dir / "eval")
-
-
-def load_reference_model(cfg, strategy):
-    """DPO's frozen reference: objective.reference_path (as saved), else the policy's starting
-    weights loaded as the policy is (the same strategy, dtype, attention and 4-bit quantization
-    under qlora), but with no adapters."""
-    from dataclasses import replace
-
-    from ftdist.config import PeftConfig
-    from ftdist.model.loading import load_model
-
-    path = cfg.objective.reference_path
-    log.info("loading the reference model from %s", path or "the starting weights")
-    if path is None:
-        return load_model(cfg.model, strategy.device, cfg.peft, strategy, adapters=False).model
-    model_cfg = replace(cfg.model, name_or_path=path, tiny=None)
-    return load_model(model_cfg, strategy.device, PeftConfig(method="none"), strategy).model
 
 
 def report_finished(run_dir: Path, summary: dict, is_main: bool) -> dict:

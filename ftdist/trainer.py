@@ -19,11 +19,13 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
@@ -43,6 +45,12 @@ log = logging.getLogger("ftdist")
 
 # What forward_backward totals for every objective; its other keys are the objective's metrics.
 SHARED_TOTALS = ("loss_sum", "count", "tokens", "slots", "documents", "flops")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:

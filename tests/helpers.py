@@ -227,7 +227,7 @@ class WorkerRun:
         from ftdist.data.prepare import prepare_data
         from ftdist.model.loading import load_tokenizer
         from ftdist.parallel import build_strategy
-        from ftdist.train import seed_everything
+        from ftdist.trainer import seed_everything
 
         cfg = self.cfg
         self.strategy = build_strategy(cfg.strategy)

@@ -137,8 +137,7 @@ def evaluate_model(role: str, cfg: FtdistConfig, strategy, data: EvalData, sourc
                    bf16: bool, reference=None) -> dict:
     """The objective's eval line, perplexity and harness figures of one model."""
     from ftdist.eval.perplexity import perplexity
-
-    from ftdist.train import seed_everything
+    from ftdist.trainer import seed_everything
 
     t0 = time.perf_counter()
     head = getattr(data.objective, "head", None)
@@ -235,7 +234,7 @@ def load_reference(cfg: FtdistConfig, strategy, objective, bf16: bool):
     """DPO with reference=model: the frozen reference the run trained against."""
     if not objective.loads_reference_model:
         return None
-    from ftdist.train import load_reference_model
+    from ftdist.model.loading import load_reference_model
 
     with strategy.loading_context(bf16=bf16):
         reference = load_reference_model(cfg, strategy)

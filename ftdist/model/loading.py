@@ -248,3 +248,19 @@ def load_model(
     if not deferred and quant is None:
         model = model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, attn_implementation=attn)
+
+
+def load_reference_model(cfg, strategy):
+    """DPO's frozen reference: objective.reference_path (as saved), else the policy's starting
+    weights loaded as the policy is (the same strategy, dtype, attention and 4-bit quantization
+    under qlora), but with no adapters."""
+    from dataclasses import replace
+
+    from ftdist.config import PeftConfig
+
+    path = cfg.objective.reference_path
+    log.info("loading the reference model from %s", path or "the starting weights")
+    if path is None:
+        return load_model(cfg.model, strategy.device, cfg.peft, strategy, adapters=False).model
+    model_cfg = replace(cfg.model, name_or_path=path, tiny=None)
+    return load_model(model_cfg, strategy.device, PeftConfig(method="none"), strategy).model

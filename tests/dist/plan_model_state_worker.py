@@ -21,7 +21,7 @@ from helpers import WorkerRun, worker_config, worker_main
 from memory_probe import measure_frozen, measure_loaded, measure_model_state
 
 from ftdist.plan import predicted_loading, predicted_model_state
-from ftdist.train import load_reference_model
+from ftdist.model.loading import load_reference_model
 from ftdist.trainer import Trainer, use_bf16
 
 
