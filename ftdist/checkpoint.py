@@ -24,11 +24,11 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from ftdist.config import ConfigError
 from ftdist.integrity import (
@@ -93,10 +93,18 @@ class _OneProcess:
 _SHORT_WRITE = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
 
 
+def _is_checkpoint_exception(e: BaseException) -> bool:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException), looked up without
+    importing that package (0.7 s, torch.distributed.tensor with it) into runs that never use it:
+    where it was never imported, nothing can have raised one."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return api is not None and isinstance(e, api.CheckpointException)
+
+
 def storage_error(e: BaseException) -> str | None:
     """One line for a failure of the storage (an OSError, torch's short write, either wrapped by
     torch.distributed.checkpoint); None for anything else, which keeps its traceback."""
-    if isinstance(e, CheckpointException):
+    if _is_checkpoint_exception(e):
         found = (storage_error(inner) for inner, _ in e.failures.values())
         return next((m for m in found if m), None)
     if isinstance(e, OSError):
@@ -117,7 +125,9 @@ def _on_every_rank(strategy, fn) -> list:
     error = None
     try:
         result = fn()
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - re-raised below; CheckpointException is a BaseException
+    except BaseException as e:  # noqa: BLE001 - re-raised below; CheckpointException is a BaseException
+        if not isinstance(e, Exception) and not _is_checkpoint_exception(e):
+            raise  # KeyboardInterrupt, SystemExit and the like: not an outcome to vote on
         result, error = None, e
     storage = error is None or storage_error(error) is not None
     failure = None if error is None else storage_error(error) or f"{type(error).__name__}: {_first_line(error)}"

@@ -803,8 +803,9 @@ def load_config(dcfg: DictConfig) -> FtdistConfig:
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The composed (unresolved) Hydra config of `ftdist.train OVERRIDES`.
+def compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """The composed (unresolved) Hydra config of `ftdist.train OVERRIDES`; with hydra_node, the
+    `hydra` node too (Hydra's own settings), which is otherwise left out.
 
     Hydra's own errors (an unknown group option, a value of the wrong type, a sweep without -m)
     come back as a one-line ConfigError; Hydra would print a block and exit 1.
@@ -817,7 +818,7 @@ def compose(overrides: list[str]) -> DictConfig:
     check_override_keys(overrides)
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra_node)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(hydra_error_message(e)) from None
 

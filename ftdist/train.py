@@ -6,6 +6,7 @@ Data is prepared before the model loads, so bad rows fail in seconds, not after 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftdist.config import (
     CONF_DIR,
@@ -309,10 +310,13 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def check_command_line(argv: list[str]) -> None:
+def check_command_line(argv: list[str]) -> tuple[list[str], object] | None:
     """Compose and validate every run of this command line (each one of a -m sweep) before Hydra
     starts: Hydra would make the run directory first, and report its own composition errors as a
-    block on stderr with exit code 1."""
+    block on stderr with exit code 1.
+
+    Returns, for a single run (no -m), its overrides and its config's hydra.mode: what hydra.main's
+    get_mode composes the whole config once more to read (see known_hydra_mode); None otherwise."""
     from ftdist.compat import require_private
 
     get_args_parser = require_private(
@@ -321,25 +325,63 @@ def check_command_line(argv: list[str]) -> None:
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # not Hydra's syntax: hydra.main prints its usage
-        return
+        return None
     runs = command_line_runs(args.overrides, args.multirun)  # keys checked even where Hydra answers below
     asks_hydra = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
                   args.config_name, args.config_dir, args.experimental_rerun)
     if any(asks_hydra):  # another primary config, or Hydra answering a question: Hydra's to check
-        return
+        return None
     from ftdist.objectives import check_objective
 
+    known = None
     for overrides in runs:
-        check_objective(load_config(compose(overrides)))
+        dcfg = compose(overrides, hydra_node=True)
+        try:
+            known = (list(overrides), dcfg.hydra.mode)
+        except Exception:  # noqa: BLE001 - an odd hydra.mode override: get_mode composes and reads it itself
+            known = None
+        with open_dict(dcfg):
+            del dcfg["hydra"]  # as Hydra's compose does without return_hydra_config
+        check_objective(load_config(dcfg))
+    return None if args.multirun else known
+
+
+@contextlib.contextmanager
+def known_hydra_mode(known: tuple[list[str], object] | None):
+    """hydra.main's get_mode composes the config of the command line (0.3 s) only to read its
+    hydra.mode (RUN, MULTIRUN or None), before run() composes it again for the job. Where
+    check_command_line composed these very overrides already, get_mode answers with the value it
+    read; for anything else (another config name, other overrides) it composes as before."""
+    if known is None:
+        yield
+        return
+    from ftdist.compat import require_attr, require_private
+
+    needed_for = "ftdist tells Hydra the hydra.mode it already composed"
+    hydra_class = require_private("hydra._internal.hydra", "Hydra", "hydra-core", needed_for)
+    composing = require_attr(hydra_class, "get_mode", "hydra-core", needed_for)
+    composed_overrides, mode = known
+
+    def get_mode(self, config_name, overrides):
+        if config_name == "config" and list(overrides) == composed_overrides:
+            return mode
+        return composing(self, config_name=config_name, overrides=overrides)
+
+    hydra_class.get_mode = get_mode
+    try:
+        yield
+    finally:
+        hydra_class.get_mode = composing
 
 
 def cli() -> None:
     try:
-        check_command_line(sys.argv[1:])
+        known = check_command_line(sys.argv[1:])
     except ConfigError as e:
         say(f"ftdist: ConfigError: {e}")
         sys.exit(EXIT_BAD_INPUT)
-    main()
+    with known_hydra_mode(known):
+        main()
 
 
 if __name__ == "__main__":
