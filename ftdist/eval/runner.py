@@ -201,6 +201,7 @@ def run_evaluation(cfg: FtdistConfig, strategy, run_dir: Path | None, eval_dir: 
     from ftdist.trainer import use_bf16
 
     source = tuned_source(run_dir, cfg)
+    cfg = reference_for_eval(cfg)
     _, tokenizer = base_and_tokenizer(cfg)
     objective = build_objective(cfg, tokenizer)
     # The run's data again: a classifier's classes (its head) come from its training split.
@@ -228,6 +229,19 @@ def run_evaluation(cfg: FtdistConfig, strategy, run_dir: Path | None, eval_dir: 
             f"report: {eval_dir / 'report.md'}"
         )
     return report
+
+
+def reference_for_eval(cfg: FtdistConfig) -> FtdistConfig:
+    """DPO with precomputed reference log-probs: a live frozen reference instead. Computing the
+    cache now would take the model under evaluation for the starting weights; the frozen copy of
+    the starting weights gives the same log-probs."""
+    if cfg.objective.name != "dpo":
+        return cfg
+    from ftdist.objectives.reference import reference_mode
+
+    if reference_mode(cfg) != "precomputed":
+        return cfg
+    return dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, reference="model"))
 
 
 def load_reference(cfg: FtdistConfig, strategy, objective, bf16: bool):
