@@ -85,13 +85,14 @@ def evaluate(run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate as the command line says; returns the report (empty on ranks other than 0)."""
     from ftdist.config import check_packages_import
     from ftdist.eval.perplexity import check_reference_source
-    from ftdist.eval.runner import run_evaluation
+    from ftdist.eval.runner import run_evaluation, tuned_source
     from ftdist.parallel import build_strategy
     from ftdist.tracking import WandbTracker
 
     cfg = eval_config(run_dir, overrides)
     check_packages_import(cfg)
     check_reference_source(cfg.eval, cfg.data)
+    tuned_source(run_dir, cfg)  # a missing eval.checkpoint, before the process group and the log start
     if cfg.eval.lm_eval.tasks:
         from ftdist.eval.harness import check_lm_eval_available
 

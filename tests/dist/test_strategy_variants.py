@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 
 
 def generated(run_dir) -> list[str]:
-    lines = (run_dir / "eval" / f"exact_match_step_{STEPS:08d}.jsonl").read_text().splitlines()
+    lines = (run_dir / "eval" / f"generations_step_{STEPS:08d}.jsonl").read_text().splitlines()
     return [json.loads(line)["response"] for line in lines]
 
 
