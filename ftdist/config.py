@@ -117,6 +117,12 @@ class DataConfig:
     # each other). micro_batch_size then counts packed rows.
     packing: bool = False
     packing_window: int = 2000  # documents bin-packed together; larger is fuller, less random
+    # Prepared examples are written once to a memory-mapped cache keyed by the source, the
+    # tokenizer and every setting above that changes tokens; later runs (and every rank) map it.
+    cache: bool = True
+    cache_dir: str | None = None  # default $FTDIST_CACHE/data; on a cluster, a shared filesystem
+    num_proc: int = 0  # processes that tokenize a cold build; 0: one per CPU core this process may use (at most 8)
+    dedupe: bool = False  # drop exact duplicate rows (whitespace and case normalised), counted in the report
 
 
 @dataclass
@@ -505,6 +511,8 @@ def validate(cfg: FtdistConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1) (got {d.val_fraction})")
     if d.max_val_examples is not None and d.max_val_examples <= 0:
         raise ConfigError(f"data.max_val_examples must be > 0 or null (got {d.max_val_examples})")
+    if d.num_proc < 0:
+        raise ConfigError(f"data.num_proc must be >= 0 (0: one per CPU core) (got {d.num_proc})")
     if len(d.reasoning_tags) != 2 or not all(isinstance(t, str) and t.strip() for t in d.reasoning_tags):
         raise ConfigError(f"data.reasoning_tags must be two non-empty strings, open and close (got {list(d.reasoning_tags)})")
     if d.chat_template is not None and not os.path.isfile(os.path.expanduser(d.chat_template)):
