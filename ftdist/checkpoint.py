@@ -372,6 +372,9 @@ def train_data_fingerprint(examples, items: list[list[int]]) -> str:
     """sha256 over every training example's token ids and labels and over how items group them:
     resuming on other data of the same size would silently train on other batches."""
     h = hashlib.sha256()
+    if hasattr(examples, "fingerprint_into"):  # memory-mapped examples hash the same bytes, in bulk
+        examples.fingerprint_into(h)
+        examples = ()
     for e in examples:
         ids = np.asarray(e.input_ids, dtype=np.int64)
         h.update(np.int64(ids.size).tobytes())

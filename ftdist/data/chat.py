@@ -80,8 +80,7 @@ class ChatEncoder:
             raise BadRow("template_error", f"the chat template rejected the messages: {e}") from None
 
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        return encode_text(self.tok, text)
 
     def encode(self, messages: list[dict], tools: list | None) -> Encoded:
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -97,7 +96,7 @@ class ChatEncoder:
             ids, _ = self.tokenize(full)
             prompt_ids = self.tokenize(self.render(messages[:last], tools, generation_prompt=True))[0]
             return Encoded([Example(ids, list(ids), prompt_ids, reference)], "whole")
-        turns = [self._turn(messages, tools, i) for i in (assistant if self.cfg.turns != "last" else [last])]
+        turns = [self._turn(messages, tools, i, full) for i in (assistant if self.cfg.turns != "last" else [last])]
         _check_tools_rendered(full, tools, turns, messages)
         extension = [t for t in turns if not full.startswith(t.upto)]
         if self.cfg.turns == "whole" and extension:
@@ -121,9 +120,10 @@ class ChatEncoder:
         reasoning = sum(_has_reasoning(messages[t.index], self.open_tag, self.close_tag) for t in turns)
         return Encoded(examples, mode, reasoning_turns=reasoning, reasoning_not_rendered=hidden)
 
-    def _turn(self, messages: list[dict], tools: list | None, i: int) -> _Turn:
+    def _turn(self, messages: list[dict], tools: list | None, i: int, full: str) -> _Turn:
+        """`full`: the whole conversation's rendering, which is `upto` when turn i is the last message."""
         before = self.render(messages[:i], tools, generation_prompt=True)
-        upto = self.render(messages[: i + 1], tools)
+        upto = full if i + 1 == len(messages) else self.render(messages[: i + 1], tools)
         if not upto.startswith(before):
             raise DataError(
                 f"the chat template starts assistant message {i + 1} differently at inference (the conversation "
@@ -208,8 +208,25 @@ def _check_tools_rendered(full: str, tools: list | None, turns: list[_Turn], mes
                             "render the tools list); use a template that does (data.chat_template=PATH)")
 
 
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of `text`, no special tokens added: what
+    `tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)` returns, straight
+    from the fast tokenizer's backend where no truncation or padding is set on it (transformers'
+    wrapper costs as much as the tokenization itself on short rows)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
+    return enc["input_ids"], [tuple(o) for o in enc.get("offset_mapping", [])]
+
+
 def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """Per token: does it overlap any character span (a token straddling a boundary counts)."""
+    if len(spans) == 1:  # the common case (one trained turn), without a generator per token
+        (start, end), = spans
+        return [s < end and e > start for s, e in offsets]
     return [any(s < end and e > start for start, end in spans) for s, e in offsets]
 
 

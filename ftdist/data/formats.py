@@ -18,7 +18,7 @@ from typing import Any
 
 from ftdist.config import CHOICES, DataConfig
 from ftdist.constants import IGNORE_INDEX
-from ftdist.data.chat import ChatEncoder
+from ftdist.data.chat import ChatEncoder, encode_text
 from ftdist.data.classification import encode_document
 from ftdist.data.example import PLAIN_PROMPT, Encoded, Example
 from ftdist.data.messages import conversation, row_field, type_name
@@ -92,7 +92,7 @@ class RowEncoder:
         return self.instruction(value)
 
     def ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tok, text)[0]
 
     # --- formats ---------------------------------------------------------------------------
 

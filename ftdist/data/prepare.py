@@ -1,11 +1,12 @@
 """From `data.*` config to tokenized train and validation examples, with a full account.
 
 Every row read ends in exactly one place: examples of its split, a bad row of a named kind, or
+`duplicates` (data.dedupe: the same text as an earlier row), or
 `dropped_no_labels` (nothing left to learn after truncation: for a preference pair, either
 response without a label, or both truncated to the same tokens). A chat row trained per turn gives
 one example per assistant turn (`turn_examples` counts those beyond the first), each kept or
 dropped on its own. `DataReport` holds those counts, so for each split
-`rows + turn_examples == sum(bad_rows) + dropped_no_labels + examples`.
+`rows + turn_examples == sum(bad_rows) + duplicates + dropped_no_labels + examples`.
 
 The hold-out split is chosen over rows, by row index, from (number of rows, seed) alone: every
 rank computes the same split, and changing the tokenizer or max_seq_len cannot move a row
@@ -43,6 +44,8 @@ class DataReport:
     bad_rows: dict[str, int] = field(default_factory=dict)  # train split, kind -> count
     val_bad_rows: dict[str, int] = field(default_factory=dict)
     bad_row_examples: dict[str, str] = field(default_factory=dict)  # kind -> first "location: detail"
+    duplicates: int = 0  # train rows data.dedupe dropped (the same text as an earlier row)
+    val_duplicates: int = 0
     truncated: int = 0  # train examples cut to max_seq_len (kept when labels remain)
     val_truncated: int = 0
     dropped_no_labels: int = 0  # train examples with no label left after truncation
@@ -71,23 +74,103 @@ class DataReport:
 
 
 _Dropped = object()  # an example that lost every label to truncation
-# Per row: the BadRow it raised (skip mode), or its encoding with each example truncated:
-# (example, was_truncated) or _Dropped.
-_Outcome = BadRow | tuple[Encoded, list]
+_Duplicate = object()  # a row data.dedupe drops: the same text as an earlier row
+# Per row: the BadRow it raised (skip mode), _Duplicate, or its encoding with each example
+# truncated: (example, was_truncated) or _Dropped.
+_Outcome = BadRow | object | tuple[Encoded, list]
+
+
+@dataclass
+class SplitCounts:
+    """What one split's rows became; counts of consecutive chunks of rows add up."""
+
+    rows: int = 0
+    examples: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    truncated: int = 0
+    dropped_no_labels: int = 0
+    turn_examples: int = 0
+    duplicates: int = 0
+    reasoning_turns: int = 0
+    reasoning_not_rendered: int = 0
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    turns: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: SplitCounts) -> None:
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, n in theirs.items():
+                    mine[key] = mine.get(key, 0) + n
+            else:
+                setattr(self, f.name, mine + theirs)
+
+
+@dataclass
+class DataPlan:
+    """Everything decided before any row is encoded: the rows, the hold-out, the classes, the
+    encoder and which rows repeat earlier ones. Any contiguous run of rows can then be encoded
+    on its own (ftdist.data.cache gives runs to worker processes) with the result of encoding
+    them all in one go."""
+
+    cfg: DataConfig
+    rows: list[Row]
+    val_rows: list[Row] | None  # data.validation_path's rows; None: the hold-out comes from `rows`
+    held: set[int]
+    encoder: RowEncoder
+    report: DataReport  # its identity fields; counts are filled by finish_report
+    duplicates: set[int]  # indices into rows (then val_rows, numbered after them) that data.dedupe drops
+
+    @property
+    def sources(self) -> list[tuple[str, list[Row]]]:
+        return [("rows", self.rows)] + ([("val_rows", self.val_rows)] if self.val_rows is not None else [])
+
+
+@dataclass
+class EncodedChunk:
+    train: list
+    val: list
+    train_counts: SplitCounts
+    val_counts: SplitCounts
+    bad_row_examples: dict[str, str]  # kind -> first "location: detail" within the chunk
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int, labels: list | None = None,
-                 margin_field: str | None = None) -> tuple[list, list, DataReport]:
+                 margin_field: str | None = None) -> tuple:
+    """Train and validation examples and their DataReport, from the memory-mapped cache
+    (data.cache=true: built on a miss, see ftdist.data.cache) or prepared in this process."""
+    if cfg.cache:
+        from ftdist.data.cache import cached_data
+
+        return cached_data(cfg, tokenizer, seed, labels, margin_field)
+    return prepare_in_process(cfg, tokenizer, seed, labels, margin_field)
+
+
+def prepare_in_process(cfg: DataConfig, tokenizer, seed: int, labels: list | None = None,
+                       margin_field: str | None = None) -> tuple[list, list, DataReport]:
     """Read, format, truncate and split the data into Examples (Pairs for data.format=preference,
     Documents for classification); raises DataError on the first bad row (on_bad_row=error) or
     when a split that should have examples ends up with none.
 
     labels: classification's fixed label set (objective.labels), else the training split's;
     margin_field: the row field of a reward model's per-pair margin (objective.margin)."""
+    plan = plan_data(cfg, tokenizer, seed, labels, margin_field)
+    chunks = [encode_chunk(plan, source, 0, len(rows)) for source, rows in plan.sources]
+    report = finish_report(plan, chunks)
+    return [e for c in chunks for e in c.train], [e for c in chunks for e in c.val], report
+
+
+def plan_data(cfg: DataConfig, tokenizer, seed: int, labels: list | None = None,
+              margin_field: str | None = None) -> DataPlan:
     if cfg.on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row={cfg.on_bad_row!r} is not one of error, skip")
     holdout = cfg.validation_path is None and cfg.val_fraction > 0
     rows = read_rows(cfg.path, cfg.split, cfg.num_synthetic_rows, seed, columns=cfg.columns)
+    val_rows = None
+    if cfg.validation_path is not None:
+        val_rows = read_rows(cfg.validation_path, cfg.split, cfg.num_synthetic_rows, seed, columns=cfg.columns)
     held = set() if cfg.validation_path is not None else holdout_indices(
         len(rows), cfg.val_fraction if holdout else 0.0, cfg.max_val_examples, seed)
     classes = None
@@ -101,22 +184,59 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, labels: list | None = No
         template=encoder.template_name,
         labels=classes,
     )
-    outcomes = _encode_rows(rows, encoder, cfg, report)
-    if cfg.validation_path is not None:
-        val_rows = read_rows(cfg.validation_path, cfg.split, cfg.num_synthetic_rows, seed, columns=cfg.columns)
-        train_out, val_out = outcomes, _encode_rows(val_rows, encoder, cfg, report)
-    else:
-        train_out = [o for i, o in enumerate(outcomes) if i not in held]
-        val_out = [o for i, o in enumerate(outcomes) if i in held]
-    train = _tally(train_out, report, prefix="")
-    val = _tally(val_out, report, prefix="val_")
+    duplicates: set[int] = set()
+    if cfg.dedupe:
+        from ftdist.data.clean import exact_duplicates
+
+        duplicates = set(exact_duplicates(rows + (val_rows or []), cfg))
+    return DataPlan(cfg, rows, val_rows, held, encoder, report, duplicates)
+
+
+def encode_chunk(plan: DataPlan, source: str, start: int, stop: int) -> EncodedChunk:
+    """Rows [start, stop) of `source` ("rows" or "val_rows") encoded, truncated and counted."""
+    rows = plan.rows if source == "rows" else plan.val_rows
+    first = 0 if source == "rows" else len(plan.rows)  # val_rows are numbered after rows in plan.duplicates
+    bad_examples: dict[str, str] = {}
+    train_out, val_out = [], []
+    for i in range(start, stop):
+        if first + i in plan.duplicates:
+            outcome = _Duplicate
+        else:
+            outcome = _encode_row(rows[i], plan.encoder, plan.cfg, bad_examples)
+        (val_out if source == "val_rows" or i in plan.held else train_out).append(outcome)
+    train, train_counts = _tally(train_out)
+    val, val_counts = _tally(val_out)
+    return EncodedChunk(train, val, train_counts, val_counts, bad_examples)
+
+
+def finish_report(plan: DataPlan, chunks: list[EncodedChunk]) -> DataReport:
+    """The report of the whole data from its chunks' counts, in row order; warns of what was lost
+    and raises DataError when a split that should have examples has none."""
+    report, train, val = plan.report, SplitCounts(), SplitCounts()
+    for chunk in chunks:
+        train.add(chunk.train_counts)
+        val.add(chunk.val_counts)
+        for kind, where in chunk.bad_row_examples.items():
+            report.bad_row_examples.setdefault(kind, where)
+    for prefix, counts in (("", train), ("val_", val)):
+        split = "val" if prefix else "train"
+        for name in ("rows", "examples", "tokens", "label_tokens"):
+            setattr(report, f"{split}_{name}", getattr(counts, name))
+        for name in ("truncated", "dropped_no_labels", "turn_examples", "duplicates", "bad_rows", "turns"):
+            setattr(report, f"{prefix}{name}", getattr(counts, name))
+        if report.labels is not None:  # every class listed, in class order, with its count (0 included)
+            setattr(report, f"{prefix}label_counts", {n: counts.label_counts.get(n, 0) for n in report.labels})
+    report.reasoning_turns, report.reasoning_not_rendered = train.reasoning_turns, train.reasoning_not_rendered
     report.rows_read = report.train_rows + report.val_rows
     if set(report.turns) - {"whole"}:  # said only where rows were split, not for every chat dataset
         log.info("chat rows by how data.turns=%s applied: %s (per_turn made %d examples more than rows)",
-                 cfg.turns, report.turns, report.turn_examples)
-    _warn_losses(report, cfg.max_seq_len)
-    _check_not_empty(report, cfg)
-    return train, val, report
+                 plan.cfg.turns, report.turns, report.turn_examples)
+    if report.duplicates or report.val_duplicates:
+        log.info("data.dedupe: dropped %d train and %d validation rows that repeat an earlier row",
+                 report.duplicates, report.val_duplicates)
+    _warn_losses(report, plan.cfg.max_seq_len)
+    _check_not_empty(report, plan.cfg)
+    return report
 
 
 def holdout_indices(n: int, fraction: float, max_examples: int | None, seed: int) -> set[int]:
@@ -131,11 +251,7 @@ def holdout_indices(n: int, fraction: float, max_examples: int | None, seed: int
     return set(random.Random(f"ftdist-holdout:{seed}").sample(range(n), k))
 
 
-def _encode_rows(rows: list[Row], encoder: RowEncoder, cfg: DataConfig, report: DataReport) -> list[_Outcome]:
-    return [_encode_row(row, encoder, cfg, report) for row in rows]
-
-
-def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataReport) -> _Outcome:
+def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, bad_examples: dict[str, str]) -> _Outcome:
     try:
         if row.problem is not None:
             raise row.problem
@@ -143,7 +259,7 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, report: DataRepo
     except BadRow as bad:
         if cfg.on_bad_row == "error":
             raise DataError(f"{row.location}: {bad}; data.on_bad_row=skip drops and counts such rows") from None
-        report.bad_row_examples.setdefault(bad.kind, f"{row.location}: {bad.detail}")
+        bad_examples.setdefault(bad.kind, f"{row.location}: {bad.detail}")
         return bad
     except DataError as e:
         raise DataError(f"{row.location}: {e}") from None
@@ -169,47 +285,39 @@ def _truncate(example: Example | Pair, max_len: int):
     return (example, truncated)
 
 
-def _tally(outcomes: list[_Outcome], report: DataReport, prefix: str) -> list[Example]:
-    examples: list[Example] = []
-    bad_rows = report.val_bad_rows if prefix else report.bad_rows
-    turns = report.val_turns if prefix else report.turns
-    counts = {"truncated": 0, "dropped_no_labels": 0, "tokens": 0, "label_tokens": 0, "turn_examples": 0}
-    label_counts: dict[str, int] = {}
+def _tally(outcomes: list[_Outcome]) -> tuple[list, SplitCounts]:
+    examples: list = []
+    counts = SplitCounts(rows=len(outcomes))
     for outcome in outcomes:
+        if outcome is _Duplicate:
+            counts.duplicates += 1
+            continue
         if isinstance(outcome, BadRow):
-            bad_rows[outcome.kind] = bad_rows.get(outcome.kind, 0) + 1
+            counts.bad_rows[outcome.kind] = counts.bad_rows.get(outcome.kind, 0) + 1
             continue
         encoded, kept = outcome
-        counts["turn_examples"] += len(kept) - 1
+        counts.turn_examples += len(kept) - 1
         if encoded.turns is not None:
-            turns[encoded.turns] = turns.get(encoded.turns, 0) + 1
-        if not prefix:
-            report.reasoning_turns += encoded.reasoning_turns
-            report.reasoning_not_rendered += encoded.reasoning_not_rendered
+            counts.turns[encoded.turns] = counts.turns.get(encoded.turns, 0) + 1
+        counts.reasoning_turns += encoded.reasoning_turns
+        counts.reasoning_not_rendered += encoded.reasoning_not_rendered
         for result in kept:
             if result is _Dropped:
-                counts["dropped_no_labels"] += 1
+                counts.dropped_no_labels += 1
                 continue
             example, truncated = result
             examples.append(example)
-            counts["truncated"] += truncated
+            counts.truncated += truncated
             if isinstance(example, Document):
-                counts["tokens"] += len(example.input_ids)
-                label_counts[example.label] = label_counts.get(example.label, 0) + 1
+                counts.tokens += len(example.input_ids)
+                counts.label_counts[example.label] = counts.label_counts.get(example.label, 0) + 1
                 continue
             for sequence in (example.chosen, example.rejected) if isinstance(example, Pair) else (example,):
-                counts["tokens"] += len(sequence.input_ids)
-                counts["label_tokens"] += sum(label != IGNORE_INDEX for label in sequence.labels[1:])
-    split = "val" if prefix else "train"
-    setattr(report, f"{split}_rows", len(outcomes))
-    setattr(report, f"{split}_examples", len(examples))
-    setattr(report, f"{split}_tokens", counts["tokens"])
-    setattr(report, f"{split}_label_tokens", counts["label_tokens"])
-    for key in ("truncated", "dropped_no_labels", "turn_examples"):
-        setattr(report, f"{prefix}{key}", counts[key])
-    if report.labels is not None:  # every class listed, in class order, with its count (0 included)
-        setattr(report, f"{prefix}label_counts", {name: label_counts.get(name, 0) for name in report.labels})
-    return examples
+                counts.tokens += len(sequence.input_ids)
+                # labels[0] is never a target: the trainer predicts position t+1 from t
+                counts.label_tokens += len(sequence.labels) - 1 - sequence.labels[1:].count(IGNORE_INDEX)
+    counts.examples = len(examples)
+    return examples, counts
 
 
 def _warn_losses(report: DataReport, max_seq_len: int) -> None:

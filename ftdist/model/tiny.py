@@ -177,7 +177,7 @@ def warm_start(model, tokenizer, spec: TinyModelSpec) -> None:
     print(f"ftdist: building the tiny model: warm start, {spec.sft_steps} steps of SFT on synthetic:{spec.sft_task} "
           f"(once, then cached under {cache_root()})", file=sys.stderr, flush=True)
     data = DataConfig(path=f"synthetic:{spec.sft_task}", max_seq_len=WARM_START_SEQ_LEN, val_fraction=0.0,
-                      num_synthetic_rows=spec.sft_steps * spec.sft_batch_size)
+                      num_synthetic_rows=spec.sft_steps * spec.sft_batch_size, cache=False)
     examples, _, _ = prepare_data(data, tokenizer, spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARM_START_WARMUP_STEPS))
