@@ -372,17 +372,23 @@ def train_data_fingerprint(examples, items: list[list[int]]) -> str:
     """sha256 over every training example's token ids and labels and over how items group them:
     resuming on other data of the same size would silently train on other batches."""
     h = hashlib.sha256()
-    if hasattr(examples, "fingerprint_into"):  # memory-mapped examples hash the same bytes, in bulk
+    hash_examples(h, examples)
+    for item in items:
+        h.update(np.asarray([len(item), *item], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def hash_examples(h, examples) -> None:
+    """Feed `h` each example's length, token ids and labels (int64; a pair's are chosen then
+    rejected). Memory-mapped examples feed the same bytes, in bulk."""
+    if hasattr(examples, "fingerprint_into"):
         examples.fingerprint_into(h)
-        examples = ()
+        return
     for e in examples:
         ids = np.asarray(e.input_ids, dtype=np.int64)
         h.update(np.int64(ids.size).tobytes())
         h.update(ids.tobytes())
         h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
-    for item in items:
-        h.update(np.asarray([len(item), *item], dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 def prune(run_dir: Path, keep: int) -> None:

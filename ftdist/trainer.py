@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -307,10 +308,16 @@ class Trainer:
         finally:
             self.preemption.restore()
         if self.step < self.total_steps:  # stopped by train.stop_after_steps, checkpoint written
-            return {**self.summary(), "complete": False}
+            return {**self.summary(), **self.host_memory(), "complete": False}
         if has_val:
             self._log_eval(self.evaluate(with_generation=True))
-        return {**self.summary(), "complete": True}
+        return {**self.summary(), **self.host_memory(), "complete": True}
+
+    def host_memory(self) -> dict:
+        """Each rank's peak resident host memory (GB) in this invocation, in rank order: what the
+        data, model copies and optimizer cost on the host, where ranks of a node share its RAM."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+        return {"host_peak_rss_gb_per_rank": [round(x, 3) for x in self.strategy.all_gather_object(rss)]}
 
     def _train_loop(self, has_val: bool) -> None:
         cfg = self.cfg

@@ -120,10 +120,11 @@ class ChatEncoder:
         reasoning = sum(_has_reasoning(messages[t.index], self.open_tag, self.close_tag) for t in turns)
         return Encoded(examples, mode, reasoning_turns=reasoning, reasoning_not_rendered=hidden)
 
-    def _turn(self, messages: list[dict], tools: list | None, i: int, full: str) -> _Turn:
-        """`full`: the whole conversation's rendering, which is `upto` when turn i is the last message."""
+    def _turn(self, messages: list[dict], tools: list | None, i: int, full: str | None = None) -> _Turn:
+        """`full`: the whole conversation's rendering where the caller has it; it is `upto` when
+        turn i is the last message (one rendering fewer)."""
         before = self.render(messages[:i], tools, generation_prompt=True)
-        upto = full if i + 1 == len(messages) else self.render(messages[: i + 1], tools)
+        upto = full if full is not None and i + 1 == len(messages) else self.render(messages[: i + 1], tools)
         if not upto.startswith(before):
             raise DataError(
                 f"the chat template starts assistant message {i + 1} differently at inference (the conversation "

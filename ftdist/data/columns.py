@@ -146,6 +146,14 @@ class MappedExamples(Sequence):
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def __eq__(self, other) -> bool:
+        """Equal to any sequence of the same examples in the same order (a list of them included)."""
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # mutable (reference_logps) and compared by value
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]

@@ -12,9 +12,15 @@ causal mask (see ftdist.model.attention).
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 import random
+import time
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ftdist.constants import IGNORE_INDEX
@@ -23,9 +29,51 @@ from ftdist.data.prepare import Example
 
 PAD_DOCUMENT = -1  # document id of padding positions
 
+log = logging.getLogger(__name__)
+
+
+def example_lengths(examples) -> Sequence[int]:
+    """Tokens per example (both sequences of a preference pair): memory-mapped examples
+    (ftdist.data.columns) hold them in memory, so no example is built to count them."""
+    mapped = getattr(examples, "lengths", None)
+    if mapped is not None:
+        return mapped.tolist()  # Python ints: callers index them one at a time and write them to JSON
+    return [len(e) if hasattr(e, "chosen") else len(e.input_ids) for e in examples]
+
+
+def packed_items(examples, capacity: int, seed: int, window: int) -> list[list[int]]:
+    """pack_documents of the examples' lengths; for memory-mapped examples, read from (or saved
+    to) the cache entry beside them, since packing a million documents takes seconds each run."""
+    directory = getattr(examples, "directory", None)
+    if directory is None:
+        return pack_documents(example_lengths(examples), capacity, seed, window)
+    path = Path(directory) / f"packing-{examples.split}-{capacity}-{seed}-{window}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            flat, offsets = saved["indices"].tolist(), saved["offsets"].tolist()
+        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    started = time.monotonic()
+    rows = pack_documents(example_lengths(examples), capacity, seed, window)
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    indices = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(offsets[-1]))
+    # Written under a private name and renamed: ranks that pack at once each write a whole file,
+    # and a reader never sees half of one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
+    try:
+        np.savez(tmp, indices=indices, offsets=offsets)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache directory: packing is cheap enough to redo next time
+        log.warning("packing: cannot save the packed rows to %s (%s); they are computed again next run", path, e)
+        tmp.unlink(missing_ok=True)
+    log.info("packing: %d documents into %d rows in %.1f s", len(indices), len(rows), time.monotonic() - started)
+    return rows
+
 
 def pack_documents(lengths: Sequence[int], capacity: int, seed: int, window: int = 2000) -> list[list[int]]:
     """Group document indices into rows whose lengths sum to at most `capacity`."""
+    if isinstance(lengths, np.ndarray):  # indexing a list is several times faster in the loop below
+        lengths = lengths.tolist()
     if any(n > capacity for n in lengths):
         raise ValueError(f"a document is longer than the row capacity {capacity}; truncate first")
     order = list(range(len(lengths)))

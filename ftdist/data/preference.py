@@ -149,7 +149,7 @@ def _chat_response(chat, conv: list[dict], start: int, tools, before: str, name:
     for i in range(start, len(conv)):
         if conv[i]["role"] != "assistant":
             continue
-        turn = chat._turn(conv, tools, i)
+        turn = chat._turn(conv, tools, i, full)
         s, e = chat._trimmed(turn.upto, len(turn.before), len(turn.upto))
         spans.append((s - len(before), e - len(before)))
     # The last turn's trailing layout (Qwen's newline after <|im_end|>) is not part of the response.

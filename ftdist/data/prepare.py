@@ -188,7 +188,7 @@ def plan_data(cfg: DataConfig, tokenizer, seed: int, labels: list | None = None,
     if cfg.dedupe:
         from ftdist.data.clean import exact_duplicates
 
-        duplicates = set(exact_duplicates(rows + (val_rows or []), cfg))
+        duplicates = set(exact_duplicates([r.value for r in rows + (val_rows or [])], cfg))
     return DataPlan(cfg, rows, val_rows, held, encoder, report, duplicates)
 
 

@@ -27,7 +27,7 @@ from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Document, Example
 from ftdist.data.loader import Batch, collate
-from ftdist.data.packing import collate_packed, pack_documents
+from ftdist.data.packing import collate_packed, packed_items
 from ftdist.data.prepare import prepare_data
 from ftdist.model.heads import HeadOutput, ScoreHead, truncate_as_trained
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
@@ -142,7 +142,7 @@ class ClassificationObjective:
         d = self.cfg.data
         if not d.packing:
             return [[i] for i in range(len(examples))]
-        return pack_documents([len(e.input_ids) for e in examples], d.max_seq_len, self.cfg.seed, d.packing_window)
+        return packed_items(examples, d.max_seq_len, self.cfg.seed, d.packing_window)
 
     def item_length(self, examples: list[Document], item: list[int]) -> int:
         return sum(len(examples[i].input_ids) for i in item)

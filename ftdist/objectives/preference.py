@@ -25,7 +25,7 @@ from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Example
 from ftdist.data.loader import Batch, collate
-from ftdist.data.packing import collate_packed, pack_documents
+from ftdist.data.packing import collate_packed, packed_items
 from ftdist.data.preference import Pair
 from ftdist.data.prepare import prepare_data
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
@@ -145,7 +145,7 @@ class PreferenceObjective:
         if not d.packing:
             return [[i] for i in range(len(examples))]
         # Each sequence is at most max_seq_len, so the longest pair fits in a row of twice that.
-        return pack_documents([len(p) for p in examples], 2 * d.max_seq_len, self.cfg.seed, d.packing_window)
+        return packed_items(examples, 2 * d.max_seq_len, self.cfg.seed, d.packing_window)
 
     def item_length(self, examples: list[Pair], item: list[int]) -> int:
         return sum(len(examples[i]) for i in item)

@@ -22,11 +22,12 @@ import torch
 
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import eval_shard
+from ftdist.data.packing import example_lengths
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "reference_logps.pt"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: pairs hashed as checkpoint.hash_examples does (the tokenized cache hashes them in bulk)
 
 
 def reference_mode(cfg: FtdistConfig) -> str:
@@ -51,6 +52,7 @@ def cache_path(cfg: FtdistConfig, run_dir: Path) -> Path:
 
 def cache_key(cfg: FtdistConfig, train: list, val: list, bf16: bool) -> dict:
     """What the cached log-probs depend on: the pairs' tokens and the reference's identity."""
+    from ftdist.checkpoint import hash_examples
     from ftdist.model.loading import resolve_model_path
 
     source = cfg.objective.reference_path or resolve_model_path(cfg.model)
@@ -63,11 +65,7 @@ def cache_key(cfg: FtdistConfig, train: list, val: list, bf16: bool) -> dict:
     data = hashlib.sha256()
     for pairs in (train, val):
         data.update(np.int64(len(pairs)).tobytes())
-        for pair in pairs:
-            for sequence in (pair.chosen, pair.rejected):
-                data.update(np.int64(len(sequence.input_ids)).tobytes())
-                data.update(np.asarray(sequence.input_ids, dtype=np.int64).tobytes())
-                data.update(np.asarray(sequence.labels, dtype=np.int64).tobytes())
+        hash_examples(data, pairs)
     quantized = cfg.peft.method == "qlora" and cfg.objective.reference_path is None
     return {
         "format": CACHE_FORMAT,
@@ -111,8 +109,19 @@ def use_precomputed(objective, ctx) -> None:
                      len(ctx.train_examples), len(ctx.val_examples), path)
         strategy.barrier()
     for pairs, values in ((ctx.train_examples, train), (ctx.val_examples, val)):
-        for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
-            pair.reference_logps = (chosen, rejected)
+        attach(pairs, values)
+
+
+def attach(pairs, values: torch.Tensor) -> None:
+    """Set each pair's reference log-probs from `values` [N, 2]. Memory-mapped pairs
+    (ftdist.data.columns) are made on access, so they take the whole array at once."""
+    if len(pairs) != len(values):
+        raise ValueError(f"{len(values)} reference log-prob rows for {len(pairs)} pairs")
+    if hasattr(pairs, "reference_logps"):
+        pairs.reference_logps = values.numpy().astype(np.float64)
+        return
+    for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
+        pair.reference_logps = (chosen, rejected)
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -135,7 +144,7 @@ def _compute(objective, ctx, pairs: list) -> torch.Tensor:
 
     strategy = ctx.strategy
     batch_size = objective.cfg.train.eval_batch_size
-    lengths = [len(p) for p in pairs]
+    lengths = example_lengths(pairs)
     mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, batch_size, strategy.shards_parameters)
     out: dict[int, tuple[float, float]] = {}
     for idx in mine:

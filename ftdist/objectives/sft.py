@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.loader import Batch, collate
-from ftdist.data.packing import collate_packed, pack_documents
+from ftdist.data.packing import collate_packed, packed_items
 from ftdist.data.prepare import Example, prepare_data
 from ftdist.eval.generation import generation_metrics
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
@@ -59,8 +59,7 @@ class SFTObjective:
         d = self.cfg.data
         if not d.packing:
             return [[i] for i in range(len(examples))]
-        lengths = [len(e.input_ids) for e in examples]
-        return pack_documents(lengths, d.max_seq_len, self.cfg.seed, d.packing_window)
+        return packed_items(examples, d.max_seq_len, self.cfg.seed, d.packing_window)
 
     def item_length(self, examples: list[Example], item: list[int]) -> int:
         return sum(len(examples[i].input_ids) for i in item)

@@ -242,7 +242,7 @@ def test_real_gsm8k_test_file_loads_cleanly(tiny_tokenizer):
     n_lines = sum(1 for line in path.read_text().split("\n") if line.strip())
     assert report.rows_read == n_lines and report.bad_rows == {} and report.val_bad_rows == {}
     assert report.val_examples == round(0.05 * n_lines)
-    assert all("####" in e.reference for e in train + val)
+    assert all("####" in e.reference for e in [*train, *val])
     assert_accounted(report)
 
 
