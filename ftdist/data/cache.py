@@ -39,7 +39,15 @@ from pathlib import Path
 from ftdist.config import DataConfig
 from ftdist.data import columns
 from ftdist.data.columns import MappedExamples, kind_of, merge_splits, write_split
-from ftdist.data.prepare import DataPlan, DataReport, EncodedChunk, _warn_losses, encode_chunk, finish_report, plan_data
+from ftdist.data.encoding import (
+    DataPlan,
+    DataReport,
+    EncodedChunk,
+    _warn_losses,
+    encode_chunk,
+    finish_report,
+    plan_data,
+)
 from ftdist.data.sources import DataError, source_kind
 
 log = logging.getLogger(__name__)
@@ -191,6 +199,13 @@ def ensure_built(path: Path, key: dict, cfg: DataConfig, tokenizer, seed: int, l
     with _locked(path.parent / f"{path.name}.lock"):
         if (path / "meta.json").is_file():  # another builder finished while this one waited
             return False
+        # Holding the lock, no other builder of this key on this host is at work: what is left of
+        # one here died (its temporary directory; another host's may be live where the filesystem
+        # does not share locks between hosts), and an entry without meta.json was damaged by hand.
+        left = path.parent.glob(f".tmp-{path.name}-{socket.gethostname()}-*")
+        for stale in [*left, *([path] if path.exists() else [])]:
+            log.warning("data: removing %s, left by a cache build that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         build(path, key, cfg, tokenizer, seed, labels, margin_field)
     return True
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import REPO, read_metrics, run_env, run_train
 
-from ftdist.data.prepare import holdout_indices
+from ftdist.data.encoding import holdout_indices
 from ftdist.data.synthetic import generate_rows
 
 ROWS, VAL, SEED = 200, 0.1, 0
