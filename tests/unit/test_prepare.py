@@ -31,9 +31,9 @@ def assert_accounted(report) -> None:
     """Every row is an example, a counted bad row, or a counted no-label drop."""
     d = report.to_dict()
     assert d["train_rows"] + d["turn_examples"] == (
-        sum(d["bad_rows"].values()) + d["dropped_no_labels"] + d["train_examples"])
+        sum(d["bad_rows"].values()) + d["duplicates"] + d["dropped_no_labels"] + d["train_examples"])
     assert d["val_rows"] + d["val_turn_examples"] == (
-        sum(d["val_bad_rows"].values()) + d["val_dropped_no_labels"] + d["val_examples"])
+        sum(d["val_bad_rows"].values()) + d["val_duplicates"] + d["val_dropped_no_labels"] + d["val_examples"])
     assert d["rows_read"] == d["train_rows"] + d["val_rows"]
     json.dumps(d)  # JSON-able
 
@@ -255,3 +255,23 @@ def test_a_label_at_position_0_alone_does_not_keep_an_example(tmp_path, tiny_tok
         prepare_data(make_cfg(path, format="text", max_seq_len=1), tiny_tokenizer, seed=0)
     train, _, report = prepare_data(make_cfg(path, format="text", max_seq_len=2), tiny_tokenizer, seed=0)
     assert len(train) == 2 and report.truncated == 2 and report.train_label_tokens == 2
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_dedupe_drops_and_counts_rows_that_repeat_an_earlier_one(tmp_path, tiny_tokenizer, cache):
+    rows = good_rows(10)
+    train = [*rows, {"prompt": "WHAT is 3 plus 3?", "response": " 6 "}, dict(rows[5]),
+             {"prompt": "What is  1\tplus 1?", "response": "2"}, {"prompt": "What is 3 plus 3", "response": "6"}]
+    # The validation file repeats one train row (it would leak the answer) and has one new row.
+    val = [dict(rows[7]), {"prompt": "What is 20 plus 20?", "response": "40"}]
+    path = write_jsonl(tmp_path / "train.jsonl", train)
+    val_path = write_jsonl(tmp_path / "val.jsonl", val)
+    kw = dict(validation_path=val_path, cache=cache, cache_dir=str(tmp_path / "cache"))
+    _, _, kept = prepare_data(make_cfg(path, **kw), tiny_tokenizer, seed=0)
+    assert (kept.duplicates, kept.val_duplicates, kept.train_examples, kept.val_examples) == (0, 0, 14, 2)
+    train_ex, val_ex, report = prepare_data(make_cfg(path, dedupe=True, **kw), tiny_tokenizer, seed=0)
+    # Case and whitespace do not make a row new; a missing "?" does.
+    assert (report.duplicates, report.val_duplicates) == (3, 1)
+    assert (report.train_examples, report.val_examples) == (11, 1)
+    assert [tiny_tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in val_ex][0].count("20 plus 20") == 1
+    assert_accounted(report)
