@@ -548,8 +548,8 @@ def clean_lines(cfg: FtdistConfig, report, n_train: int, limit: int, json_path: 
     validation = f" + {report.rows - n_train} of {cfg.data.validation_path}" if cfg.data.validation_path else ""
     lines = [f"clean: {n_train} rows of {cfg.data.path}{validation} (data.format={cfg.data.format})"]
 
-    def section(title: str, findings: list, rows: int) -> None:
-        lines.append(f"{title}: {rows} row{'s' if rows != 1 else ''}")
+    def section(title: str, findings: list, rows: int, note: str = "") -> None:
+        lines.append(f"{title}: {rows} row{'s' if rows != 1 else ''}{note}")
         for f in findings[:limit]:
             field = f" [{f.field}]" if f.field else ""
             kind = f"{f.kind} " if f.kind in ("email", "phone", "card", "ipv4") else ""
@@ -562,8 +562,9 @@ def clean_lines(cfg: FtdistConfig, report, n_train: int, limit: int, json_path: 
     section(f"near-duplicates (estimated Jaccard >= {report.near_threshold:g} of word 3-grams)", report.near_duplicates,
             c["near_duplicates"])
     kinds = ", ".join(f"{kind} {n}" for kind, n in c["pii_rows_by_kind"].items())
-    section(f"personal data ({kinds} rows)", report.pii, c["pii_rows"])
-    section(f"short responses (under {report.min_response_chars} characters)", report.short_responses,
+    section("personal data", report.pii, c["pii_rows"], f" ({kinds})")
+    n = report.min_response_chars
+    section("empty responses" if n <= 1 else f"short responses (under {n} characters)", report.short_responses,
             c["short_responses"])
     if report.unreadable:
         lines.append(f"rows not read as objects: {report.unreadable} (python -m ftdist.data validate lists them)")
