@@ -10,9 +10,13 @@ runs each of these as its own process, one after another, and prints one JSON ob
 - `cold_build`: data.cache=true on an empty cache directory (data.num_proc workers);
 - `warm_start`: the same again, a cache hit: the time until the first training micro-batch
   is collated, counted from the start of the process (imports included) and from the call;
-- `ddp_2_ranks`: `torchrun --nproc_per_node 2 -m ftdist.train ... train.max_steps=2` on the
-  warm cache: wall time and each rank's peak RSS (summary.json), and the same run with the
-  pre-cache code (`--skip-old-run` leaves it out: both ranks tokenize, minutes on 2 cores).
+- `packing_1m`: the warm entry's document lengths repeated to 1,000,000 documents, packed into
+  rows of data.max_seq_len (pack_documents, as a packed run does), twice (the same rows: it is
+  deterministic per seed), then saved and read back as the cache keeps packed rows;
+- `ddp_2_ranks`: `torchrun --nproc_per_node 2 -m ftdist.train ... train.max_steps=2` with
+  data.val_fraction=0, another key than the children's, so the run builds its own entry (local
+  rank 0 builds, rank 1 waits): wall time and each rank's peak RSS (summary.json); and the same
+  run with the pre-cache code (`--skip-old-run` leaves it out: both ranks tokenize everything).
 
 Each figure is the process's own: wall seconds and peak resident memory (ru_maxrss). Run it
 on an idle machine; the ratios are what to compare.
@@ -88,6 +92,38 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def pack_child(args) -> None:
+    """Pack a million documents with the lengths of the cached data; time it and the packed rows'
+    round trip through the file the cache keeps them in."""
+    import tempfile
+
+    import numpy as np
+
+    from ftdist.data.cache import open_entry
+    from ftdist.data.packing import load_rows, pack_documents, save_rows
+
+    entry = next(p.parent for p in Path(args.cache_dir).glob("*/meta.json"))
+    lengths = np.resize(open_entry(entry)[0].lengths, 1_000_000)
+    started = time.monotonic()
+    rows = pack_documents(lengths, MAX_SEQ_LEN, SEED, 2000)
+    packed = time.monotonic()
+    again = pack_documents(lengths, MAX_SEQ_LEN, SEED, 2000)
+    other = pack_documents(lengths, MAX_SEQ_LEN, SEED + 1, 2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.npz"
+        t0 = time.monotonic()
+        save_rows(path, rows)
+        t1 = time.monotonic()
+        loaded = load_rows(path)
+        t2 = time.monotonic()
+    print(json.dumps({
+        "documents": len(lengths), "tokens": int(lengths.sum()), "rows": len(rows),
+        "row_fill": round(float(lengths.sum()) / (len(rows) * MAX_SEQ_LEN), 4),
+        "pack_s": round(packed - started, 2), "same_rows_again": again == rows, "other_seed_differs": other != rows,
+        "save_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2), "loaded_equal": loaded == rows,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}))
+
+
 def run_child(extra: list[str], pythonpath: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if pythonpath is not None:
@@ -138,15 +174,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ftdist-data-prep"))
     parser.add_argument("--skip-old-run", action="store_true", help="leave out the 2-rank run of the pre-cache code")
+    parser.add_argument("--only-packing", action="store_true",
+                        help="only the packing_1m case (on the cache a full run left in --workdir)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=["on", "off"], help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--first-batch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        pack_child(args) if args.pack else child(args)
         return
 
     workdir = args.workdir.resolve()
@@ -167,6 +206,9 @@ def main() -> None:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
     cache_dir = workdir / "cache"
+    if args.only_packing:
+        print(json.dumps({"packing_1m": run_child(["--pack", "--cache-dir", str(cache_dir)])}, indent=1))
+        return
     shutil.rmtree(cache_dir, ignore_errors=True)
     common = ["--data", str(data), "--tokenizer", tokenizer]
     results: dict = {"rows": args.rows, "cpus": len(os.sched_getaffinity(0)), "max_seq_len": MAX_SEQ_LEN}
@@ -176,6 +218,7 @@ def main() -> None:
     results["in_process"] = run_child([*common, "--cache", "off"])
     results["cold_build"] = run_child([*common, "--cache", "on", "--cache-dir", str(cache_dir)])
     results["warm_start"] = run_child([*common, "--cache", "on", "--cache-dir", str(cache_dir), "--first-batch"])
+    results["packing_1m"] = run_child(["--pack", "--cache-dir", str(cache_dir)])
     results["ddp_2_ranks"] = run_training(data, workdir, "run-cached", cache_dir, None)
     if not args.skip_old_run:
         results["ddp_2_ranks_before_cache"] = run_training(data, workdir, "run-before-cache", None, old)

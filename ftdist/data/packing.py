@@ -49,25 +49,36 @@ def packed_items(examples, capacity: int, seed: int, window: int) -> list[list[i
         return pack_documents(example_lengths(examples), capacity, seed, window)
     path = Path(directory) / f"packing-{examples.split}-{capacity}-{seed}-{window}.npz"
     if path.is_file():
-        with np.load(path) as saved:
-            flat, offsets = saved["indices"].tolist(), saved["offsets"].tolist()
-        return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return load_rows(path)
     started = time.monotonic()
     rows = pack_documents(example_lengths(examples), capacity, seed, window)
+    try:
+        save_rows(path, rows)
+    except OSError as e:  # a read-only cache directory: packing is cheap enough to redo next time
+        log.warning("packing: cannot save the packed rows to %s (%s); they are computed again next run", path, e)
+    log.info("packing: %d documents into %d rows in %.1f s", sum(len(r) for r in rows), len(rows),
+             time.monotonic() - started)
+    return rows
+
+
+def save_rows(path: Path, rows: list[list[int]]) -> None:
+    """Packed rows as flat indices and row offsets. Written under a private name and renamed:
+    ranks that pack at once each write a whole file, and a reader never sees half of one."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     indices = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(offsets[-1]))
-    # Written under a private name and renamed: ranks that pack at once each write a whole file,
-    # and a reader never sees half of one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
     try:
         np.savez(tmp, indices=indices, offsets=offsets)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only cache directory: packing is cheap enough to redo next time
-        log.warning("packing: cannot save the packed rows to %s (%s); they are computed again next run", path, e)
+    finally:
         tmp.unlink(missing_ok=True)
-    log.info("packing: %d documents into %d rows in %.1f s", len(indices), len(rows), time.monotonic() - started)
-    return rows
+
+
+def load_rows(path: Path) -> list[list[int]]:
+    with np.load(path) as saved:
+        flat, offsets = saved["indices"].tolist(), saved["offsets"].tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def pack_documents(lengths: Sequence[int], capacity: int, seed: int, window: int = 2000) -> list[list[int]]:
