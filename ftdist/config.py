@@ -69,6 +69,10 @@ class ModelConfig:
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # The LM head and the loss computed chunk by chunk in fp32, never the whole logits at once
+    # (ftdist/model/lm_head.py): null (auto) sizes chunks to 256 MB of fp32 logits; 0 turns
+    # chunking off (one chunk, still fp32); N: N tokens per chunk.
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass

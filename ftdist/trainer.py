@@ -30,11 +30,10 @@ import numpy as np
 import torch
 
 from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
-from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import GlobalBatchSampler
 from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, peak_memory_gb
-from ftdist.model.attention import model_inputs, sliding_window_of
+from ftdist.model.forward import ModelForward
 from ftdist.objectives import build_objective
 from ftdist.objectives.base import EvalContext, MicroBatch, Objective, TrainingContext
 from ftdist.optim import build_optimizer, lr_multiplier
@@ -60,26 +59,6 @@ def use_bf16(cfg: FtdistConfig, device: torch.device) -> bool:
         # Only where bf16 is fast: on CPUs without bf16 units autocast is ~80x slower.
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return mode == "bf16"
-
-
-class ModelForward:
-    """(model, micro-batch) -> logits as every pass of a run computes them: the run's precision
-    (bf16 autocast where the strategy does not already cast) and the masks packed rows need
-    under the backend the model loaded with. Built from the unwrapped model, before wrapping."""
-
-    def __init__(self, model: torch.nn.Module, strategy: Strategy, bf16: bool):
-        self.attn_implementation = require_attr(
-            model.config, "_attn_implementation", "transformers", "packed batches need the backend the model loaded with"
-        )
-        self.sliding_window = sliding_window_of(model.config)
-        self.model_dtype = next(model.parameters()).dtype
-        self.device_type = strategy.device.type
-        self.autocast = bf16 and not strategy.handles_mixed_precision
-
-    def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        autocast = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with autocast:
-            return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
 
 class Trainer:
@@ -120,7 +99,7 @@ class Trainer:
         self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
         self.peak_flops = device_peak_flops(self.device)
         self.bf16 = use_bf16(cfg, self.device)
-        self.logits = ModelForward(model, strategy, self.bf16)
+        self.logits = ModelForward(model, strategy, self.bf16, cfg.model.loss_chunk_tokens)
         self.model, self.optimizer, self.scheduler = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg),
@@ -167,7 +146,7 @@ class Trainer:
         )
         # A global batch with nothing to learn contributes no gradient; avoid dividing by zero.
         denominator = max(count, 1.0)
-        forward = functools.partial(self.logits, self.model)
+        forward = self.logits.bind(self.model)
         loss_sum, sums = 0.0, dict.fromkeys(objective.sum_keys, 0.0)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -258,7 +237,7 @@ class Trainer:
         model.eval()
         ctx = EvalContext(
             model=model,
-            forward=functools.partial(self.logits, model),
+            forward=self.logits.bind(model),
             strategy=self.strategy,
             tokenizer=self.tokenizer,
             examples=self.val_examples,

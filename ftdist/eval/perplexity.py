@@ -83,14 +83,13 @@ def read_reference_text(e: EvalConfig, data: DataConfig, tokenizer, seed: int) -
 def perplexity(forward, text: ReferenceText, strategy, batch_size: int, pad_token_id: int) -> tuple[float, float, int]:
     """(perplexity, NLL sum, predicted tokens) of the model behind `forward` (micro-batch ->
     logits) over `text`, summed over ranks; a collective on every rank."""
-    from ftdist.objectives.sft import sft_loss_sum
 
     lengths = [len(w.input_ids) for w in text.windows]
     mine, padding = eval_shard(lengths, strategy.rank, strategy.world_size, batch_size, strategy.shards_parameters)
     nll, count = 0.0, 0
     for idx in mine:
         batch = collate([text.windows[i] for i in idx], pad_token_id).to(strategy.device)
-        nll += sft_loss_sum(forward(batch), batch.labels).item()
+        nll += -forward.token_logps(batch).sum().item()
         count += batch.num_label_tokens
     for _ in range(padding):  # sharded parameters: every rank runs as many forwards
         forward(collate([text.windows[0]], pad_token_id).to(strategy.device))

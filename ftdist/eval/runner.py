@@ -10,7 +10,6 @@ RUN_DIR/eval/.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -54,8 +53,8 @@ def source_kind(source: Path) -> str:
 def load_eval_model(cfg: FtdistConfig, strategy, head, source: Path | None, bf16: bool):
     """(model placed by the strategy, frozen and in eval mode; its forward) for the base
     (source None) or a trained model."""
+    from ftdist.model.forward import ModelForward
     from ftdist.model.loading import load_model
-    from ftdist.trainer import ModelForward
 
     device = strategy.device
     with strategy.loading_context(bf16=bf16):
@@ -67,7 +66,7 @@ def load_eval_model(cfg: FtdistConfig, strategy, head, source: Path | None, bf16
         else:
             model = load_model(cfg.model, device, cfg.peft, strategy, head=head).model
             load_weights(model, trained_state(cfg, source, model), strategy)
-    forward = ModelForward(model, strategy, bf16)
+    forward = ModelForward(model, strategy, bf16, cfg.model.loss_chunk_tokens)
     return strategy.prepare_frozen(model, cfg.train, bf16), forward
 
 
@@ -150,14 +149,14 @@ def evaluate_model(role: str, cfg: FtdistConfig, strategy, data: EvalData, sourc
         log.info("base: dpo's figures measure a model against its reference, the base itself: not evaluated")
     else:
         setup_objective(data, cfg, strategy, model, forward, bf16, eval_dir, reference)
-        ctx = EvalContext(model=module, forward=functools.partial(forward, module), strategy=strategy,
+        ctx = EvalContext(model=module, forward=forward.bind(module), strategy=strategy,
                           tokenizer=data.tokenizer, examples=data.val_examples, items=data.val_items,
                           batch_size=cfg.train.eval_batch_size, step=0, run_dir=eval_dir.parent, cfg=cfg,
                           record_tag=role)
         metrics = data.objective.evaluate(ctx, with_generation=True) if data.val_examples else {}
     out = {"path": str(source) if source else model_path_of(cfg), "metrics": metrics}
     if data.reference_text is not None:
-        ppl, nll, tokens = perplexity(functools.partial(forward, module), data.reference_text, strategy,
+        ppl, nll, tokens = perplexity(forward.bind(module), data.reference_text, strategy,
                                       cfg.train.eval_batch_size, data.tokenizer.pad_token_id)
         out.update(perplexity=ppl, nll_sum=nll, perplexity_tokens=tokens)
     if cfg.eval.lm_eval.tasks:

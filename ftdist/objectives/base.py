@@ -54,7 +54,9 @@ class ObjectiveLoss:
     outputs: torch.Tensor | None = None
 
 
-Forward = Callable[[Any], torch.Tensor]  # micro-batch -> logits, under the run's precision
+# ftdist.trainer.BoundForward: forward(batch) -> logits (or scores), under the run's precision;
+# forward.token_logps(batch) -> [B, T] fp32 label log-probs from the chunked LM head.
+Forward = Any
 
 
 @dataclass

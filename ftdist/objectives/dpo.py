@@ -9,7 +9,6 @@ the first step. The three give the same numbers; they differ in memory and time.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -39,18 +38,18 @@ class DPOObjective(PreferenceObjective):
         # A second model is loaded for reference=model, and for precomputed from another checkpoint.
         self.loads_reference_model = self.mode == "model" or (
             self.mode == "precomputed" and cfg.objective.reference_path is not None)
-        self.reference_forward = None  # batch -> the reference's logits; None once all are precomputed
+        self.reference_forward = None  # batch -> the reference's token log-probs; None once all are precomputed
         self.reference_forwards = 0 if self.mode == "precomputed" else 1
 
     def setup(self, ctx: TrainingContext) -> None:
         super().setup(ctx)
-        policy = functools.partial(ctx.logits, ctx.model)
+        policy = ctx.logits.bind(ctx.model).token_logps
         if self.loads_reference_model and ctx.reference_model is None:
             # Never fall back to the policy: its own log-ratios are 0 forever, a loss stuck at ln 2.
             raise RuntimeError(f"dpo: reference={self.mode} needs the frozen reference model, and none was given")
         if ctx.reference_model is not None:
             disable_dropout(ctx.reference_model)
-            self.reference_forward = functools.partial(ctx.logits, ctx.reference_model)
+            self.reference_forward = ctx.logits.bind(ctx.reference_model).token_logps
         elif self.cfg.peft.method != "none":  # adapter, or precomputed from the adapter-disabled base
             peft_model = ctx.strategy.unwrap(ctx.model)
             self.reference_forward = lambda batch: without_adapters(peft_model, policy, batch)

@@ -84,15 +84,14 @@ def collate_pairs(items: list[list[Pair]], pad_token_id: int, packed: bool) -> P
     )
 
 
-def sequence_logps(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """[2P] summed log-probabilities of each sequence's labelled tokens (fp32)."""
-    shift_logits = logits[:, :-1, :].float()
+def sequence_logps(token_logps: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """[2P] summed log-probabilities of each sequence's labelled tokens (fp32), from the
+    forward's token_logps [B, T] (position t holds the log-prob of label t + 1)."""
     labels = batch.labels[:, 1:].reshape(-1)
-    per_token = -F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), labels,
-                                 ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = token_logps[:, :-1].reshape(-1)
     on = labels != IGNORE_INDEX
     sequence = batch.sequence_ids[:, 1:].reshape(-1)
-    out = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=token_logps.device)
     return out.index_add(0, sequence[on], per_token[on])
 
 
@@ -175,7 +174,7 @@ class PreferenceObjective:
         # The reference's no-grad forward first: its logits are gone before the policy's forward
         # saves anything for backward, so the two never take memory at once.
         reference = self.reference_logps(batch)
-        logps = sequence_logps(forward(batch), batch)
+        logps = sequence_logps(forward.token_logps(batch), batch)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(batch, logps, reference)
         with torch.no_grad():
             chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()

@@ -38,7 +38,7 @@ def reference_mode(cfg: FtdistConfig) -> str:
 
 
 def without_adapters(peft_model: torch.nn.Module, forward, batch) -> torch.Tensor:
-    """The policy's forward with its adapters off: the base model's logits."""
+    """`forward` (the policy's token_logps) with its adapters off: the base model's."""
     disable = getattr(peft_model, "disable_adapter", None)
     if disable is None:
         raise ConfigError("objective.reference=adapter: the policy has no PEFT adapters to disable (peft=none)")

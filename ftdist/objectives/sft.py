@@ -79,7 +79,7 @@ class SFTObjective:
         return batch.num_label_tokens
 
     def loss(self, forward: Forward, batch: Batch) -> ObjectiveLoss:
-        return ObjectiveLoss(sft_loss_sum(forward(batch), batch.labels))
+        return ObjectiveLoss(-forward.token_logps(batch).sum())
 
     def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
         return {"label_tokens": int(count)}

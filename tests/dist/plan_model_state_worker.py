@@ -51,7 +51,7 @@ def main(out_dir: Path, overrides: list[str]) -> None:
         batches = trainer.step_batches(trainer.step)
         assert len(batches) > 1, "measure mid-accumulation: set train.grad_accum_steps > 1"
         first = batches[0].to(trainer.device)
-        forward = functools.partial(trainer.logits, trainer.model)
+        forward = trainer.logits.bind(trainer.model)
         with strategy.accumulating(trainer.model):
             strategy.backward(trainer.model, trainer.objective.loss(forward, first).loss_sum)
         accumulating = measure_model_state(trainer.model, trainer.optimizer, strategy)

@@ -3,7 +3,6 @@ perplexity that does not depend on how windows are batched (padding carries no l
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from ftdist.config import DataConfig, EvalConfig, StrategyConfig
 from ftdist.data.sources import DataError
 from ftdist.eval.perplexity import forgetting_figures, perplexity, read_reference_text
+from ftdist.model.forward import ModelForward
 from ftdist.parallel import build_strategy
 from tests.helpers import write_jsonl
 
@@ -56,8 +56,7 @@ def test_perplexity_is_the_same_whatever_the_batching(tmp_path, tiny_model_dir, 
                                tiny_tokenizer, 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     strategy = build_strategy(StrategyConfig(name="single"))
-    forward = functools.partial(lambda m, batch: m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                                model)
+    forward = ModelForward(model, strategy, bf16=False).bind(model)
     with torch.no_grad():
         one = perplexity(forward, text, strategy, 1, tiny_tokenizer.pad_token_id)
         padded = perplexity(forward, text, strategy, 3, tiny_tokenizer.pad_token_id)  # windows of unequal length

@@ -1,0 +1,149 @@
+"""The language-model head as ftdist's losses use it: label log-probabilities in fp32, chunk by chunk.
+
+A causal LM's last layer maps every position's hidden state to logits over the vocabulary. The
+losses only need one number per position: the log-probability of the next token. Materialising
+all the logits first costs tokens x vocabulary floats (for Llama 3, 128,256 per token: 2 GB in
+fp32 for a 4,096-token row, and as much again for their gradient), the largest activation of a
+step. `install` patches the model's output-embedding module so that, while a target is set
+(`targets`), its forward returns those per-position log-probabilities instead, computed over
+chunks of `chunk_tokens` positions. Each chunk's logits live only inside a checkpointed function:
+the forward keeps the chunk's inputs, and the backward recomputes the chunk's logits, one chunk
+at a time. The parameters keep their names and their module (no wrapper): checkpoints, export,
+FSDP2 and ZeRO-3 hooks see the model as it was. With no target set (generation, classification
+heads) the module is the plain linear layer it always was.
+
+The logits are computed in fp32 with autocast off. Under bf16 autocast, an fp32 weight is used
+as it is and the hidden states are cast up. A bf16 weight (bf16 parameters, FSDP mixed
+precision) is multiplied with fp32 accumulation and fp32 output where the device has that
+(CUDA's out_dtype matmul), else in bf16 and cast up. Rounding the logits to bf16 costs about
+3 significant digits, enough to stall the tiny demo at 2% exact match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ftdist.constants import IGNORE_INDEX
+
+# Auto chunk size: chunks whose fp32 logits take at most this many bytes (a 128,256-token
+# vocabulary gives 523-token chunks; a tiny one, one chunk for any batch).
+AUTO_CHUNK_BYTES = 256 * 2**20
+MIN_AUTO_CHUNK = 256
+
+
+def chunk_tokens_for(setting: int | None, vocab_size: int) -> int:
+    """model.loss_chunk_tokens -> positions per chunk; 0 means one chunk however many positions."""
+    if setting is None:
+        return max(MIN_AUTO_CHUNK, AUTO_CHUNK_BYTES // (4 * vocab_size))
+    return setting
+
+
+# Model types whose forward returns lm_head(hidden) as the logits, unchanged: others scale or
+# soft-cap them after the head (Gemma 2/3, Cohere, Granite), so their losses take the full logits.
+EXACT_HEAD_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo", "olmo2",
+    "ministral", "smollm3",
+})
+
+
+def install_in(model: torch.nn.Module, setting: int | None) -> torch.nn.Module | None:
+    """Patch the LM head of the causal LM inside `model` (under any wrapper: DDP, a DeepSpeed
+    engine, PEFT) for model.loss_chunk_tokens=`setting`; None where its logits are not the plain
+    head's output (a scoring model, a model that changes logits after the head)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if getattr(module.config, "model_type", None) not in EXACT_HEAD_TYPES:
+                return None
+            return install(module, chunk_tokens_for(setting, module.config.vocab_size))
+    return None
+
+
+def install(model: torch.nn.Module, chunk_tokens: int) -> torch.nn.Module | None:
+    """Patch `model`'s output embedding (lm_head) to compute label log-probs while a target is
+    set; returns the patched module, or None where the model has no linear output embedding."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if not isinstance(head, torch.nn.Linear):  # a scoring model, or a head ftdist does not know
+        return None
+    if getattr(head, "ftdist_chunk_tokens", None) is None:
+        head.forward = functools.partial(_head_forward, head, head.forward)
+    head.ftdist_chunk_tokens = chunk_tokens
+    head.ftdist_target = None
+    return head
+
+
+@contextlib.contextmanager
+def targets(head: torch.nn.Module, target: torch.Tensor):
+    """While inside, `head`'s forward returns the log-probability of `target` [B, T] at each
+    position (0 where the target is IGNORE_INDEX) instead of logits."""
+    head.ftdist_target = target
+    try:
+        yield
+    finally:
+        head.ftdist_target = None
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: labels [B, T] -> targets [B, T], the last position ignored."""
+    ignored = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], ignored], dim=1)
+
+
+def _head_forward(head: torch.nn.Linear, linear_forward, hidden: torch.Tensor) -> torch.Tensor:
+    target = head.ftdist_target
+    if target is None:
+        return linear_forward(hidden)
+    if target.shape != hidden.shape[:-1]:
+        raise RuntimeError(f"lm_head: targets of shape {tuple(target.shape)} for hidden states {tuple(hidden.shape)}")
+    return label_logps(hidden, head.weight, head.bias, target, head.ftdist_chunk_tokens)
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+    """[..., T] log p(target) under logits = hidden @ weight.T + bias, in fp32; 0 where ignored."""
+    shape = target.shape
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = target.reshape(-1)
+    n = h.size(0)
+    if chunk_tokens <= 0 or n <= chunk_tokens:
+        return _chunk_logps(h, weight, bias, t).reshape(shape)
+    parts = []
+    for start in range(0, n, chunk_tokens):
+        stop = min(start + chunk_tokens, n)
+        # Checkpointed: the forward keeps the chunk's inputs only; the backward recomputes its logits.
+        parts.append(checkpoint(_chunk_logps, h[start:stop], weight, bias, t[start:stop], use_reentrant=False))
+    return torch.cat(parts).reshape(shape)
+
+
+def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    logits = fp32_logits(h, weight, bias)
+    ignored = target == IGNORE_INDEX
+    picked = logits.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).masked_fill(ignored, 0.0)
+
+
+def fp32_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    with torch.autocast(h.device.type, enabled=False):
+        if weight.dtype == torch.float32:
+            return F.linear(h.float(), weight, bias)
+        h = h.to(weight.dtype)
+        if h.is_cuda:  # low-precision inputs, fp32 accumulation and output: no rounding of the logits
+            logits = torch.mm(h, weight.t(), out_dtype=torch.float32)
+            return logits if bias is None else logits + bias.float()
+        return F.linear(h, weight, bias).float()
+
+
+def logits_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same log-probs from full logits [B, T, V] and unshifted labels [B, T]: for models
+    whose head is not a plain linear layer, and the independent computation tests compare with."""
+    target = shifted_targets(labels)
+    logp = logits.float().log_softmax(-1)
+    ignored = target == IGNORE_INDEX
+    return logp.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
