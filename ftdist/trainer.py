@@ -133,21 +133,28 @@ class Trainer:
     def forward_backward(self, batches: list[MicroBatch]) -> dict:
         """Accumulate this rank's gradients for one global batch; returns global totals (and
         the objective's train metrics)."""
+        return self.totals_of(self.accumulate(batches).tolist())
+
+    def accumulate(self, batches: list[MicroBatch]) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of one global batch, leaving the
+        global totals on the device: SHARED_TOTALS, then the objective's sum_keys (float64).
+
+        Nothing is read to the host here, so the device never waits on Python: the loss
+        normaliser is a device tensor, losses and metric sums accumulate on the device, and
+        the step reads all of it at once with the gradient norm (Strategy.step_reading)."""
         strategy, objective = self.strategy, self.objective
         forwards = getattr(objective, "reference_forwards", 0)  # no-grad forwards beyond the trained one
-        count, tokens, slots, documents, flops = strategy.all_reduce_sum(
-            [
-                sum(objective.loss_count(b) for b in batches),
-                sum(b.num_tokens for b in batches),
-                sum(b.slots for b in batches),
-                sum(b.num_documents for b in batches),
-                sum(self.flops.step(b.document_lengths) + forwards * self.flops.forward(b.document_lengths) for b in batches),
-            ]
-        )
+        counts = strategy.all_reduce_sum_(self.to_device([
+            sum(objective.loss_count(b) for b in batches),
+            sum(b.num_tokens for b in batches),
+            sum(b.slots for b in batches),
+            sum(b.num_documents for b in batches),
+            sum(self.flops.step(b.document_lengths) + forwards * self.flops.forward(b.document_lengths) for b in batches),
+        ]))
         # A global batch with nothing to learn contributes no gradient; avoid dividing by zero.
-        denominator = max(count, 1.0)
+        scale = strategy.grad_reduction_factor / counts[0].clamp(min=1.0)
         forward = self.logits.bind(self.model)
-        loss_sum, sums = 0.0, dict.fromkeys(objective.sum_keys, 0.0)
+        sums = torch.zeros(1 + len(objective.sum_keys), dtype=torch.float64, device=self.device)  # loss, then sum_keys
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             last = i == len(batches) - 1
@@ -157,20 +164,27 @@ class Trainer:
                 micro_loss = out.loss_sum
                 if injected_fault(self.step + 1, strategy.rank) == "nan":
                     micro_loss = micro_loss * float("nan")
-                strategy.backward(self.model, micro_loss * (strategy.grad_reduction_factor / denominator))
-            loss_sum += micro_loss.item()
-            for key, value in out.sums.items():
-                sums[key] += value
-        global_loss_sum, *values = strategy.all_reduce_sum([loss_sum, *sums.values()])
-        return {
-            "loss_sum": global_loss_sum,
-            "count": count,
-            **objective.train_metrics(count, dict(zip(sums, values, strict=True))),
-            "tokens": tokens,
-            "slots": slots,
-            "documents": documents,
-            "flops": flops,
-        }
+                strategy.backward(self.model, micro_loss * scale)
+            sums[0] += micro_loss.detach().to(torch.float64)
+            for j, key in enumerate(objective.sum_keys, start=1):
+                sums[j] += torch.as_tensor(out.sums[key], dtype=torch.float64, device=self.device)
+        loss_sum, objective_sums = strategy.all_reduce_sum_(sums).split([1, len(objective.sum_keys)])
+        count, tokens, slots, documents, flops = counts.unbind()
+        return torch.stack([loss_sum[0], count, tokens, slots, documents, flops, *objective_sums.unbind()])
+
+    def to_device(self, values: list[float]) -> torch.Tensor:
+        """Host numbers as a float64 device tensor, copied without waiting for the device's queue
+        (a copy from pageable memory would wait for all queued work first)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def totals_of(self, values: list[float]) -> dict:
+        """accumulate's totals, read to the host, as named figures and the objective's metrics."""
+        shared = dict(zip(SHARED_TOTALS, values[: len(SHARED_TOTALS)], strict=True))
+        sums = dict(zip(self.objective.sum_keys, values[len(SHARED_TOTALS):], strict=True))
+        return {**shared, **self.objective.train_metrics(shared["count"], sums)}
 
     def step_batches(self, step: int) -> list[MicroBatch]:
         micro = self.sampler.rank_micro_batches(
@@ -178,13 +192,15 @@ class Trainer:
         )
         return [self.collate_items(self.train_examples, [self.train_items[j] for j in idx]) for idx in micro]
 
-    def optimizer_step(self) -> tuple[float, float]:
-        """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used).
+    def optimizer_step(self, totals: torch.Tensor | None = None) -> tuple[float, float, list[float]]:
+        """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used, the
+        values of `totals`, read with the norm).
 
         Strategies leave the parameters unchanged when the norm is not finite."""
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
-        return grad_norm, lr
+        grad_norm, values = self.strategy.step_reading(
+            self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm, totals)
+        return grad_norm, lr, values
 
     def check_finite(self, loss: float, grad_norm: float) -> None:
         """Loss and norm are global (all-reduced), so every rank takes the same decision."""
@@ -201,9 +217,9 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         self.model.train()
-        totals = self.forward_backward(self.step_batches(self.step))
+        grad_norm, lr, values = self.optimizer_step(self.accumulate(self.step_batches(self.step)))
+        totals = self.totals_of(values)
         tokens = totals["tokens"]
-        grad_norm, lr = self.optimizer_step()
         self.step += 1
         self.check_finite(totals["loss_sum"], grad_norm)
         self.total_tokens += int(tokens)

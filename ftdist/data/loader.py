@@ -10,6 +10,7 @@ no example is ever dropped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -99,7 +100,7 @@ class Batch:
         return self.input_ids.numel()
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)
+        move = functools.partial(to_device, device=device)
         return replace(
             self,
             input_ids=move(self.input_ids),
@@ -108,6 +109,17 @@ class Batch:
             position_ids=move(self.position_ids),
             document_ids=move(self.document_ids),
         )
+
+
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`t` on `device`. To a GPU through pinned memory and without blocking: a copy from
+    pageable memory would first wait for everything queued on the device (the previous
+    micro-batch's backward), a host synchronisation per micro-batch."""
+    if t is None:
+        return None
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:

@@ -205,6 +205,10 @@ def model_inputs(
         return inputs
     if attn_implementation == DOCUMENT_SDPA:
         inputs["document_segments"] = batch.segments
+        # Per-document attention needs no mask. Given none, transformers would look for the
+        # documents in the position ids, reading them to the host (a device synchronisation per
+        # forward); a 4D mask it takes as already built, and document_sdpa_attention ignores it.
+        inputs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
         return inputs
     if window is not None and window.size >= batch.input_ids.size(1):
         window = None  # no document is longer than the window: plain causal is the same mask

@@ -48,7 +48,7 @@ class ObjectiveLoss:
     `train_metrics` sees them)."""
 
     loss_sum: torch.Tensor
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, float | torch.Tensor] = field(default_factory=dict)  # 0-dim device tensors: no host read
     # Optional: one row per unit, in the micro-batch's order (a classifier's class probabilities),
     # which loss_pass(..., keep_outputs=True) hands back with each unit's example index.
     outputs: torch.Tensor | None = None
@@ -179,7 +179,7 @@ def loss_pass(objective: Objective, ctx: EvalContext, keep_outputs: bool = False
         loss_sum += out.loss_sum.item()
         count += objective.loss_count(batch)
         for key, value in out.sums.items():
-            sums[key] = sums.get(key, 0.0) + value
+            sums[key] = sums.get(key, 0.0) + float(value)
         if keep_outputs:
             outputs += zip([i for item in items for i in item], out.outputs.tolist(), strict=True)
     # The whole loss runs, not just the forward: an objective's loss may hold further sharded

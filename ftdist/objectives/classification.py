@@ -16,6 +16,7 @@ prediction to eval/predictions_step_N.jsonl.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Document, Example
-from ftdist.data.loader import Batch, collate
+from ftdist.data.loader import Batch, collate, to_device
 from ftdist.data.packing import collate_packed, packed_items
 from ftdist.data.prepare import prepare_data
 from ftdist.model.heads import HeadOutput, ScoreHead, truncate_as_trained
@@ -46,7 +47,7 @@ class ScoreBatch(Batch):
 
     def to(self, device: torch.device) -> ScoreBatch:
         moved = super().to(device)
-        move = lambda t: None if t is None else t.to(device)
+        move = functools.partial(to_device, device=device)
         return dataclasses.replace(moved, pool_rows=move(self.pool_rows), pool_columns=move(self.pool_columns),
                                    targets=move(self.targets))
 
@@ -167,8 +168,8 @@ class ClassificationObjective:
     def loss(self, forward: Forward, batch: ScoreBatch) -> ObjectiveLoss:
         scores = pooled_scores(self.head_output, forward, batch)
         losses = F.cross_entropy(scores, batch.targets, weight=self.weights, reduction="sum")
-        correct = (scores.detach().argmax(dim=-1) == batch.targets).sum().item()
-        return ObjectiveLoss(losses, {"correct": float(correct)}, outputs=torch.softmax(scores.detach(), dim=-1))
+        correct = (scores.detach().argmax(dim=-1) == batch.targets).sum().to(torch.float64)  # left on the device
+        return ObjectiveLoss(losses, {"correct": correct}, outputs=torch.softmax(scores.detach(), dim=-1))
 
     def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
         return {"documents_scored": int(count), "accuracy": sums["correct"] / max(count, 1.0)}

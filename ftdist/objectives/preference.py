@@ -15,6 +15,7 @@ packed row it lands in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from ftdist.config import FtdistConfig
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Example
-from ftdist.data.loader import Batch, collate
+from ftdist.data.loader import Batch, collate, to_device
 from ftdist.data.packing import collate_packed, packed_items
 from ftdist.data.preference import Pair
 from ftdist.data.prepare import prepare_data
@@ -51,7 +52,7 @@ class PairBatch(Batch):
 
     def to(self, device: torch.device) -> PairBatch:
         moved = super().to(device)
-        move = lambda t: None if t is None else t.to(device)
+        move = functools.partial(to_device, device=device)
         return dataclasses.replace(moved, sequence_ids=move(self.sequence_ids),
                                    response_tokens=move(self.response_tokens),
                                    reference_logps=move(self.reference_logps))
@@ -90,9 +91,11 @@ def sequence_logps(token_logps: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     labels = batch.labels[:, 1:].reshape(-1)
     per_token = token_logps[:, :-1].reshape(-1)
     on = labels != IGNORE_INDEX
-    sequence = batch.sequence_ids[:, 1:].reshape(-1)
+    # Unlabelled positions add 0 to sequence 0 (their id may be -1): a boolean index instead
+    # would read the mask's count to the host, a synchronisation per micro-batch.
+    sequence = batch.sequence_ids[:, 1:].reshape(-1).clamp(min=0)
     out = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=token_logps.device)
-    return out.index_add(0, sequence[on], per_token[on])
+    return out.index_add(0, sequence, per_token * on)
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -182,8 +185,8 @@ class PreferenceObjective:
                 chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
                 (chosen_rewards - rejected_rewards).sum(), logps[0::2].detach().sum(), logps[1::2].detach().sum(),
                 (logps[0::2] > logps[1::2]).float().sum(),
-            ]).tolist()
-        return ObjectiveLoss(losses.sum(), dict(zip(PAIR_METRICS, stats, strict=True)))
+            ]).to(torch.float64)  # left on the device: the trainer reads a step's sums once
+        return ObjectiveLoss(losses.sum(), dict(zip(PAIR_METRICS, stats.unbind(), strict=True)))
 
     def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
         return {"pairs": int(count), **{key: sums[key] / max(count, 1.0) for key in PAIR_METRICS}}

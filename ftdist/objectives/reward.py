@@ -94,8 +94,8 @@ class RewardObjective(PreferenceObjective):
             losses = losses + self.options.center_rewards * (chosen + rejected) ** 2
         with torch.no_grad():
             stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
-                                 (chosen - rejected).sum()]).tolist()
-        return ObjectiveLoss(losses.sum(), dict(zip(REWARD_METRICS, stats, strict=True)))
+                                 (chosen - rejected).sum()]).to(torch.float64)  # left on the device
+        return ObjectiveLoss(losses.sum(), dict(zip(REWARD_METRICS, stats.unbind(), strict=True)))
 
     def train_metrics(self, count: float, sums: dict[str, float]) -> dict:
         return {"pairs": int(count), **{key: sums[key] / max(count, 1.0) for key in REWARD_METRICS}}

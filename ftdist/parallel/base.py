@@ -14,6 +14,7 @@ holds them to what each rank holds.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -114,15 +115,25 @@ class Strategy:
 
     def optimizer_step(self, model, optimizer, scheduler, max_norm: float | None) -> float:
         """Clip, step, advance the schedule, zero the gradients; returns the pre-clip grad norm."""
+        return self.step_reading(model, optimizer, scheduler, max_norm, None)[0]
+
+    def step_reading(self, model, optimizer, scheduler, max_norm: float | None,
+                     totals: torch.Tensor | None) -> tuple[float, list[float]]:
+        """optimizer_step, reading `totals` (the step's figures, left on the device) to the host
+        together with the gradient norm: the one host synchronisation of a training step, where
+        the step must know whether the norm is finite anyway."""
         limit = max_norm if max_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
-        if torch.isfinite(norm):  # a NaN/Inf step leaves the parameters as they were
+        norm = norm.detach().reshape(1).to(torch.float64)
+        values = (norm if totals is None else torch.cat([totals.to(norm.device), norm])).tolist()
+        grad_norm = values.pop()
+        if math.isfinite(grad_norm):  # a NaN/Inf step leaves the parameters as they were
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return grad_norm, values
 
     def save_checkpoint(self, model, optimizer, path) -> None:
         """Model and optimizer state under `path`; every rank calls it and writes its part.
@@ -193,6 +204,10 @@ class Strategy:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks in place, on its device (nothing read to the host)."""
+        return t
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
         return list(values)
@@ -295,6 +310,10 @@ class DistributedStrategy(Strategy):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
 
     def all_reduce_max(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

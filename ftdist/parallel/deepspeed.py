@@ -288,8 +288,10 @@ class DeepSpeedStrategy(DistributedStrategy):
         if self._accumulating:
             model.step()  # DeepSpeed's micro-step bookkeeping; no update off a boundary
 
-    def optimizer_step(self, model, optimizer, scheduler, max_norm: float | None) -> float:
-        # Clipping to max_norm is in the config (gradient_clipping); this step applies it.
+    def step_reading(self, model, optimizer, scheduler, max_norm: float | None,
+                     totals: torch.Tensor | None) -> tuple[float, list[float]]:
+        # Clipping to max_norm is in the config (gradient_clipping); this step applies it. The
+        # engine reads its overflow flag and norm to the host itself.
         model.step()
         if not model.was_step_applied():
             # DeepSpeed discarded the update (NaN/Inf gradients: parameters and optimizer state
@@ -299,7 +301,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         norm = model.get_global_grad_norm()  # before clipping, over all ranks' partitions
         if norm is None:
             raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false?)")
-        return float(norm)
+        return float(norm), ([] if totals is None else totals.tolist())
 
     @property
     def grad_reduction_factor(self) -> float:
