@@ -191,6 +191,8 @@ class TrainConfig:
     # A NaN/Inf loss or gradient norm on any rank: raise (stop the run) | skip (leave the
     # parameters unchanged, count the step in metrics as skipped_steps).
     on_nonfinite: str = "raise"
+    # torch.compile each decoder block before sharding (ftdist/model/compile.py).
+    compile: bool = False
     # End this invocation after this many steps of the run (a checkpoint is written, no final
     # eval or export) while the schedule stays that of max_steps: rerun to continue. For jobs in
     # time slices, and for checking that a resume is exact.

@@ -33,6 +33,7 @@ from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, s
 from ftdist.config import ConfigError, FtdistConfig
 from ftdist.data.loader import GlobalBatchSampler
 from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, peak_memory_gb
+from ftdist.model.compile import compile_blocks, compiled_graphs
 from ftdist.model.forward import ModelForward
 from ftdist.objectives import build_objective
 from ftdist.objectives.base import EvalContext, MicroBatch, Objective, TrainingContext
@@ -100,6 +101,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device)
         self.bf16 = use_bf16(cfg, self.device)
         self.logits = ModelForward(model, strategy, self.bf16, cfg.model.loss_chunk_tokens)
+        if cfg.train.compile:  # before the strategy wraps or shards the blocks
+            compile_blocks(model)
         self.model, self.optimizer, self.scheduler = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg),
@@ -241,6 +244,7 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(self.device),
             "epoch": self.sampler.epoch_at(self.step),
             "skipped_steps": self.skipped_steps,
+            **({"compiled_graphs": compiled_graphs()} if self.cfg.train.compile else {}),
         }
 
     # --- evaluation -------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""train.compile: each decoder block compiled with torch.compile, before any sharding.
+
+Blocks rather than the whole model, as torchtitan does: every block has the same code, so one
+compiled graph serves them all (transformers' blocks take their parameters as inputs), and the
+parts around them (embedding, head, loss, the strategies' hooks) stay eager. Compiling before
+FSDP's fully_shard or DeepSpeed's wrapping keeps their per-block hooks outside the graphs.
+
+Sequence lengths change from one micro-batch to the next. Dynamo's automatic dynamic shapes
+compile a block again once, for a symbolic length, when a second length arrives; after that
+lengths cost no recompile (train lines carry `compiled_graphs`, which then stops growing).
+Per-document sdpa (packed rows on the sdpa backend) loops over the documents in Python, so it
+runs eagerly between the compiled parts of a block (ftdist.model.attention disables it for
+compile); flex attention compiles whole.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ftdist.config import ConfigError
+from ftdist.model.architectures import decoder_blocks
+
+log = logging.getLogger(__name__)
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Compile every decoder block of `model` in place; returns how many."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise ConfigError(
+            f"train.compile=true: found no decoder blocks in {type(base).__name__} (looked for "
+            f"{sorted(getattr(base, '_no_split_modules', None) or [])}); set train.compile=false"
+        )
+    for block in blocks:
+        block.compile()
+    log.info("train.compile: compiled %d decoder blocks (%s)", len(blocks), type(blocks[0]).__name__)
+    return len(blocks)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far: train lines carry it under
+    train.compile, so a count still growing after the first steps shows recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
