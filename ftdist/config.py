@@ -73,6 +73,9 @@ class ModelConfig:
     # (ftdist/model/lm_head.py): null (auto) sizes chunks to 256 MB of fp32 logits; 0 turns
     # chunking off (one chunk, still fp32); N: N tokens per chunk.
     loss_chunk_tokens: int | None = None
+    # Liger-Kernel's Triton kernels (CUDA only, pip install 'ftdist[liger]'): RMSNorm, RoPE and
+    # SwiGLU patched into the model, and its fused linear cross-entropy as the LM-head loss.
+    liger: bool = False
 
 
 @dataclass
@@ -648,6 +651,7 @@ def _needed_packages(cfg: FtdistConfig) -> list[tuple[str, str, str, str]]:
     needed = [
         (s.name == "deepspeed", "strategy=zero*", "DeepSpeed", "deepspeed", "deepspeed"),
         (p.method == "qlora", "peft=qlora", "bitsandbytes", "bitsandbytes", "bnb"),
+        (cfg.model.liger, "model.liger=true", "Liger-Kernel", "liger_kernel", "liger"),
     ]
     return [n[1:] for n in needed if n[0] and not cfg.dry_run]
 

@@ -100,7 +100,7 @@ class Trainer:
         self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
         self.peak_flops = device_peak_flops(self.device)
         self.bf16 = use_bf16(cfg, self.device)
-        self.logits = ModelForward(model, strategy, self.bf16, cfg.model.loss_chunk_tokens)
+        self.logits = ModelForward(model, strategy, self.bf16, cfg.model.loss_chunk_tokens, cfg.model.liger)
         if cfg.train.compile:  # before the strategy wraps or shards the blocks
             compile_blocks(model)
         self.model, self.optimizer, self.scheduler = strategy.prepare(

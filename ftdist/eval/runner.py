@@ -66,7 +66,7 @@ def load_eval_model(cfg: FtdistConfig, strategy, head, source: Path | None, bf16
         else:
             model = load_model(cfg.model, device, cfg.peft, strategy, head=head).model
             load_weights(model, trained_state(cfg, source, model), strategy)
-    forward = ModelForward(model, strategy, bf16, cfg.model.loss_chunk_tokens)
+    forward = ModelForward(model, strategy, bf16, cfg.model.loss_chunk_tokens, cfg.model.liger)
     return strategy.prepare_frozen(model, cfg.train, bf16), forward
 
 

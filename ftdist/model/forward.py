@@ -23,7 +23,8 @@ class ModelForward:
     `token_logps` gives what the losses use instead of logits: each position's log-probability
     of its next label, in fp32, from the LM head computed chunk by chunk (ftdist.model.lm_head)."""
 
-    def __init__(self, model: torch.nn.Module, strategy, bf16: bool, loss_chunk_tokens: int | None = None):
+    def __init__(self, model: torch.nn.Module, strategy, bf16: bool, loss_chunk_tokens: int | None = None,
+                 liger: bool = False):
         self.attn_implementation = require_attr(
             model.config, "_attn_implementation", "transformers", "packed batches need the backend the model loaded with"
         )
@@ -32,6 +33,7 @@ class ModelForward:
         self.device_type = strategy.device.type
         self.autocast = bf16 and not strategy.handles_mixed_precision
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.liger = liger
         self.heads: dict[int, torch.nn.Module | None] = {}  # id(model) -> its patched LM head (None: none)
 
     def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
@@ -49,7 +51,7 @@ class ModelForward:
 
     def head_of(self, model: torch.nn.Module) -> torch.nn.Module | None:
         if id(model) not in self.heads:
-            self.heads[id(model)] = lm_head.install_in(model, self.loss_chunk_tokens)
+            self.heads[id(model)] = lm_head.install_in(model, self.loss_chunk_tokens, self.liger)
         return self.heads[id(model)]
 
     def bind(self, model: torch.nn.Module) -> BoundForward:

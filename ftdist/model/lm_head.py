@@ -51,7 +51,7 @@ EXACT_HEAD_TYPES = frozenset({
 })
 
 
-def install_in(model: torch.nn.Module, setting: int | None) -> torch.nn.Module | None:
+def install_in(model: torch.nn.Module, setting: int | None, liger: bool = False) -> torch.nn.Module | None:
     """Patch the LM head of the causal LM inside `model` (under any wrapper: DDP, a DeepSpeed
     engine, PEFT) for model.loss_chunk_tokens=`setting`; None where its logits are not the plain
     head's output (a scoring model, a model that changes logits after the head)."""
@@ -61,11 +61,11 @@ def install_in(model: torch.nn.Module, setting: int | None) -> torch.nn.Module |
         if isinstance(module, PreTrainedModel):
             if getattr(module.config, "model_type", None) not in EXACT_HEAD_TYPES:
                 return None
-            return install(module, chunk_tokens_for(setting, module.config.vocab_size))
+            return install(module, chunk_tokens_for(setting, module.config.vocab_size), liger)
     return None
 
 
-def install(model: torch.nn.Module, chunk_tokens: int) -> torch.nn.Module | None:
+def install(model: torch.nn.Module, chunk_tokens: int, liger: bool = False) -> torch.nn.Module | None:
     """Patch `model`'s output embedding (lm_head) to compute label log-probs while a target is
     set; returns the patched module, or None where the model has no linear output embedding."""
     get = getattr(model, "get_output_embeddings", None)
@@ -75,6 +75,7 @@ def install(model: torch.nn.Module, chunk_tokens: int) -> torch.nn.Module | None
     if getattr(head, "ftdist_chunk_tokens", None) is None:
         head.forward = functools.partial(_head_forward, head, head.forward)
     head.ftdist_chunk_tokens = chunk_tokens
+    head.ftdist_liger = liger  # Liger-Kernel's fused linear cross-entropy instead of the chunks below
     head.ftdist_target = None
     return head
 
@@ -102,6 +103,11 @@ def _head_forward(head: torch.nn.Linear, linear_forward, hidden: torch.Tensor) -
         return linear_forward(hidden)
     if target.shape != hidden.shape[:-1]:
         raise RuntimeError(f"lm_head: targets of shape {tuple(target.shape)} for hidden states {tuple(hidden.shape)}")
+    if head.ftdist_liger:
+        from ftdist.model.liger import fused_label_logps
+
+        h = hidden.reshape(-1, hidden.size(-1))
+        return fused_label_logps(h, head.weight, head.bias, target.reshape(-1), IGNORE_INDEX).reshape(target.shape)
     return label_logps(hidden, head.weight, head.bias, target, head.ftdist_chunk_tokens)
 
 

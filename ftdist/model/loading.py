@@ -244,6 +244,10 @@ def load_model(
                 on_device.check(model)  # every 4-bit weight was quantized on the GPU, none on the CPU
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load a model from {path!r}: {e}") from e
+    if cfg.liger:  # the model's own code, before adapters wrap its layers
+        from ftdist.model.liger import apply_liger
+
+        apply_liger(model, device)
     model = finish_model(model, cfg, peft if adapters else None, quantized=quant is not None, scoring=scoring)
     if not deferred and quant is None:
         model = model.to(device)

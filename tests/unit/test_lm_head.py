@@ -172,3 +172,15 @@ def test_models_that_change_logits_after_the_head_take_the_full_logits():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         assert logits.abs().max() <= 5.0  # the soft cap applied
         torch.testing.assert_close(forward.token_logps(batch), lm_head.logits_label_logps(logits, batch.labels))
+
+
+def test_liger_without_the_package_is_refused_before_launch():
+    import importlib.util
+
+    from ftdist.config import ConfigError, compose, load_config
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(ConfigError, match=r"model.liger=true needs Liger-Kernel, which is not installed: "
+                                          r"pip install 'ftdist\[liger\]'"):
+        load_config(compose(["+experiment=tiny_cpu", "model.liger=true"]))
