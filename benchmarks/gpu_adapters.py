@@ -1,10 +1,17 @@
-"""LoRA and QLoRA on one GPU: Llama-3.1-8B architecture, random init, packed 2048-token rows.
+"""Full fine-tuning, LoRA and QLoRA on one GPU: Llama-3.1-8B architecture, random init, packed rows.
 
-    python benchmarks/gpu_adapters.py [--methods lora,qlora] [--strategy fsdp|single] [--objective sft|dpo]
+    python benchmarks/gpu_adapters.py [--methods full,lora,qlora] [--strategy fsdp|single] [--objective sft|dpo]
                                       [--seq-len 2048] [--micro 2] [--warmup-steps 3] [--steps 5]
+                                      [--compile] [--liger] [--loss-chunk-tokens N] [--no-grad-ckpt]
     python benchmarks/gpu_adapters.py --tiny       # the same code on CPU with a small config
 
 Prints one JSON object: per method, real tokens/s, MFU, peak memory and model load time.
+`full` trains every parameter in bf16 (model.dtype=bf16, so AdamW's states are bf16 too: 8B
+parameters, gradients and two moments take 64 GB). `--compile` compiles the decoder blocks
+(train.compile), `--liger` applies Liger-Kernel (model.liger), `--loss-chunk-tokens` sets
+model.loss_chunk_tokens (default: auto; 0: one chunk). `mfu` counts 4N + 2N_trainable per token
+as before; `mfu_with_attention` adds the attention scores of every packed document, as the
+trainer's train lines do (step_flops).
 
 --objective dpo trains DPO (sigmoid loss, beta 0.1) on random preference pairs instead: a
 shared prompt and two responses of different lengths (synthetic_pairs), labels on the
@@ -207,7 +214,8 @@ def run_one(args) -> dict:
     dpo = args.objective == "dpo"
     cfg = FtdistConfig(
         model=ModelConfig(
-            architecture=ARCHITECTURE, dtype="bf16", attn_implementation=args.attn, gradient_checkpointing=True
+            architecture=ARCHITECTURE, dtype="bf16", attn_implementation=args.attn,
+            gradient_checkpointing=not args.no_grad_ckpt, loss_chunk_tokens=args.loss_chunk_tokens, liger=args.liger,
         ),
         data=DataConfig(
             path="synthetic:random-tokens", format="preference" if dpo else "instruction",
@@ -215,9 +223,10 @@ def run_one(args) -> dict:
         ),
         # Explicit rather than auto: what is measured is the adapter-disabled reference.
         objective=ObjectiveConfig(name="dpo", reference="adapter") if dpo else ObjectiveConfig(),
-        peft=PeftConfig(method=args.child),
+        peft=PeftConfig(method="none" if args.child == "full" else args.child),
         strategy=StrategyConfig(name=args.strategy),
-        train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, warmup_steps=0, progress_bar=False, max_steps=10**6),
+        train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, warmup_steps=0, progress_bar=False, max_steps=10**6,
+                          compile=args.compile),
         output_dir=tempfile.mkdtemp(prefix="ftdist_gpu_adapters_"),
     )
     torch.manual_seed(0)
@@ -262,6 +271,7 @@ def run_one(args) -> dict:
         timed = records[args.warmup_steps :]
         tokens = sum(r["tokens"] for r in timed)
         seconds = sum(r["wall_s"] for r in timed)
+        step_flops = sum(r["step_flops"] for r in timed)
         tokens_per_s = tokens / seconds
         # DPO's no-grad reference forward is model FLOPs too (2N a token), as ftdist.metrics counts it.
         reference_forwards = getattr(trainer.objective, "reference_forwards", 0)
@@ -286,7 +296,7 @@ def run_one(args) -> dict:
             "micro_batch_rows": args.micro,
             "attn_implementation": trainer.logits.attn_implementation,
             "bf16": trainer.bf16,
-            "gradient_checkpointing": True,
+            "gradient_checkpointing": not args.no_grad_ckpt,
             "warmup_steps": args.warmup_steps,
             "timed_steps": len(timed),
             "tokens_timed": int(tokens),
@@ -295,6 +305,12 @@ def run_one(args) -> dict:
             "peak_flops_used": trainer.peak_flops,
             "mfu": None if trainer.peak_flops is None  # a GPU without a known peak: no guessed MFU
             else round(flops_per_token * tokens_per_s / strategy.world_size / trainer.peak_flops, 4),
+            "mfu_with_attention": None if trainer.peak_flops is None
+            else round(step_flops / seconds / strategy.world_size / trainer.peak_flops, 4),
+            "compile": args.compile,
+            "compiled_graphs": records[-1].get("compiled_graphs"),
+            "liger": args.liger,
+            "loss_chunk_tokens": args.loss_chunk_tokens,
             "step_s": [round(r["wall_s"], 3) for r in timed],
             "loss_first_last": [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)],
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
@@ -324,7 +340,9 @@ def run_child(method: str, strategy: str, args, timeout: float) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--child", method, "--strategy", strategy,
         "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--warmup-steps", str(args.warmup_steps),
         "--steps", str(args.steps), "--attn", args.attn, "--objective", args.objective,
-        *(["--tiny"] if args.tiny else []),
+        *(["--tiny"] if args.tiny else []), *(["--compile"] if args.compile else []),
+        *(["--liger"] if args.liger else []), *(["--no-grad-ckpt"] if args.no_grad_ckpt else []),
+        *([] if args.loss_chunk_tokens is None else ["--loss-chunk-tokens", str(args.loss_chunk_tokens)]),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -354,6 +372,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--attn", default="sdpa", help="model.attn_implementation (sdpa: per-document sdpa)")
     parser.add_argument("--tiny", action="store_true", help="a small config (CPU test of the same code)")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true: compiled decoder blocks")
+    parser.add_argument("--liger", action="store_true", help="model.liger=true: Liger-Kernel (pip install 'ftdist[liger]')")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="model.loss_chunk_tokens (default auto)")
+    parser.add_argument("--no-grad-ckpt", action="store_true", help="model.gradient_checkpointing=false")
     parser.add_argument("--budget-s", type=float, default=200, help="wall-clock budget for all methods")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

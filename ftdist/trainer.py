@@ -102,7 +102,7 @@ class Trainer:
         self.bf16 = use_bf16(cfg, self.device)
         self.logits = ModelForward(model, strategy, self.bf16, cfg.model.loss_chunk_tokens, cfg.model.liger)
         if cfg.train.compile:  # before the strategy wraps or shards the blocks
-            compile_blocks(model)
+            compile_blocks(model, packed=cfg.data.packing)
         self.model, self.optimizer, self.scheduler = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg),
@@ -240,6 +240,7 @@ class Trainer:
             "documents": int(totals["documents"]),
             "packing_efficiency": tokens / max(totals["slots"], 1.0),
             "tokens_per_s": tokens / dt,
+            "step_flops": totals["flops"],  # model FLOPs of the global step, attention included
             "mfu": step_mfu,
             "peak_mem_gb": peak_memory_gb(self.device),
             "epoch": self.sampler.epoch_at(self.step),

@@ -54,7 +54,6 @@ ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPB
 PER_DOCUMENT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-@torch.compiler.disable  # a Python loop over documents of every length: eager, between compiled parts
 def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: per-document causal sdpa when `document_segments` is given.
 
@@ -76,6 +75,7 @@ def document_sdpa_attention(module, query, key, value, attention_mask, dropout=0
         return _per_document_sdpa(query, key, value, segments, scaling, p, kwargs.get("sliding_window")), None
 
 
+@torch.compiler.disable  # a Python loop over documents of every length: eager, between compiled parts
 def _per_document_sdpa(query, key, value, segments, scaling, p, window=None):
     rows = []
     for b, row in enumerate(segments):

@@ -15,18 +15,26 @@ compile); flex attention compiles whole.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ftdist.config import ConfigError
 from ftdist.model.architectures import decoder_blocks
+from ftdist.model.attention import DOCUMENT_SDPA
 
 log = logging.getLogger(__name__)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
-    """Compile every decoder block of `model` in place; returns how many."""
+def compile_blocks(model: torch.nn.Module, packed: bool = False) -> int:
+    """Compile every decoder block of `model` in place; returns how many.
+
+    Gradient checkpointing moves inside the compiled blocks: transformers checkpoints a block
+    around its call, in torch.utils.checkpoint, which turns dynamo off for everything it runs,
+    so its blocks would never compile. Here each block's forward is checkpointed (non-reentrant,
+    as model.gradient_checkpointing does) and that is compiled, which dynamo traces whole."""
     blocks = decoder_blocks(model)
     if not blocks:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -34,9 +42,23 @@ def compile_blocks(model: torch.nn.Module) -> int:
             f"train.compile=true: found no decoder blocks in {type(base).__name__} (looked for "
             f"{sorted(getattr(base, '_no_split_modules', None) or [])}); set train.compile=false"
         )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpointed = bool(getattr(base, "is_gradient_checkpointing", False))
+    if checkpointed and packed and getattr(base.config, "_attn_implementation", None) == DOCUMENT_SDPA:
+        # Per-document sdpa runs eagerly (a loop over documents), and dynamo cannot leave a
+        # checkpointed region to run it: every block would fall back to eager, uncompiled.
+        raise ConfigError(
+            "train.compile=true with model.gradient_checkpointing=true and packed rows needs an attention "
+            "backend that compiles: model.attn_implementation=flex_attention (on a GPU); or drop one of the three"
+        )
+    if checkpointed:
+        base.gradient_checkpointing_disable()
     for block in blocks:
+        if checkpointed:
+            block.forward = functools.partial(_checkpointed, block.forward)
         block.compile()
-    log.info("train.compile: compiled %d decoder blocks (%s)", len(blocks), type(blocks[0]).__name__)
+    log.info("train.compile: compiled %d decoder blocks (%s)%s", len(blocks), type(blocks[0]).__name__,
+             ", each checkpointed inside" if checkpointed else "")
     return len(blocks)
 
 
@@ -46,3 +68,7 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

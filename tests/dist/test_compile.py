@@ -1,6 +1,7 @@
 """train.compile=true: decoder blocks compiled before sharding train to the eager losses (fp32 on
 CPU: to 1e-5 relative) under single, ddp and fsdp, on packed rows of changing lengths, and stop
-compiling new graphs after the first steps (one recompile for a symbolic length, then none)."""
+compiling new graphs after the first steps (one recompile for a symbolic length, then none);
+with gradient checkpointing too (checkpointed inside the compiled blocks, padded rows)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,21 @@ def assert_no_recompiles_after_step_2(compiled: list[dict]) -> None:
 
 
 def test_compiled_blocks_train_like_eager_single_ddp_and_fsdp(tmp_path):
+    checkpointed = ["model.gradient_checkpointing=true", "data.packing=false"]
     concurrently(
         lambda: run_train([*BASE, f"output_dir={tmp_path}/single_eager"]),
         lambda: run_train([*BASE, "train.compile=true", f"output_dir={tmp_path}/single_compiled"]),
     )
-    eager = lines(tmp_path / "single_eager")
-    compiled = lines(tmp_path / "single_compiled")
-    assert "compiled_graphs" not in eager[0]
-    assert_same_losses(compiled, eager)
-    assert_no_recompiles_after_step_2(compiled)
+    concurrently(
+        lambda: run_train([*BASE, *checkpointed, f"output_dir={tmp_path}/checkpointed_eager"]),
+        lambda: run_train([*BASE, *checkpointed, "train.compile=true", f"output_dir={tmp_path}/checkpointed_compiled"]),
+    )
+    for name in ("single", "checkpointed"):
+        eager = lines(tmp_path / f"{name}_eager")
+        compiled = lines(tmp_path / f"{name}_compiled")
+        assert "compiled_graphs" not in eager[0]
+        assert_same_losses(compiled, eager)
+        assert_no_recompiles_after_step_2(compiled)
 
     run_train([*BASE, "strategy=fsdp", f"output_dir={tmp_path}/fsdp_eager"], nproc=2)
     run_train([*BASE, "strategy=fsdp", "train.compile=true", f"output_dir={tmp_path}/fsdp_compiled"], nproc=2)
@@ -44,3 +51,10 @@ def test_compiled_blocks_train_like_eager_single_ddp_and_fsdp(tmp_path):
     for name in ("fsdp_compiled", "ddp_compiled"):
         assert_same_losses(lines(tmp_path / name), two_rank_eager)
         assert_no_recompiles_after_step_2(lines(tmp_path / name))
+
+
+def test_checkpointed_packed_rows_on_per_document_sdpa_are_refused(tmp_path):
+    proc = run_train([*BASE, "train.compile=true", "model.gradient_checkpointing=true", f"output_dir={tmp_path}"],
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.attn_implementation=flex_attention" in proc.stderr
