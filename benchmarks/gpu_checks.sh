@@ -21,6 +21,13 @@
 #      installed from wheels carried in .whl/vllm/ (vllm and everything it pins), else from the
 #      package registry where the machine reaches one; without any, the step says so and skips.
 #      ONLY=vllm runs the environment steps and this step alone (a session lent a GPU for it).
+#   8. ONLY=speed (issue 21; a session lent a GPU for it runs this mode alone): the environment
+#      steps, tests/gpu/test_cuda_kernels.py (the bf16 chunked head; Liger-Kernel against eager
+#      where `pip install 'ftdist[liger]'` put it in .whl/ or the registry), then
+#      benchmarks/gpu_adapters.py on Llama-3.1-8B, packed 4096-token rows, micro-batch 1: full
+#      fine-tuning (bf16), LoRA and QLoRA, each eager (model.loss_chunk_tokens=0, no compile) and
+#      optimized (chunked head, train.compile, Liger where installed), into speed_eager.json and
+#      speed_optimized.json. Targets: full >= 40% MFU, LoRA >= 30%, QLoRA >= 25% (mfu_with_attention).
 # DPO's other checks are CPU tests, run by the ordinary suite and not here: tests/unit/test_dpo.py,
 # test_dpo_trl_parity.py, test_objectives.py, test_preference_data.py, test_plan_dpo.py,
 # tests/dist/test_dpo_strategies.py, test_dpo_self_instruct.py (gloo), tests/integration/
@@ -101,7 +108,40 @@ except Exception as e:  # noqa: BLE001
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
-if [[ ${ONLY:-} != vllm ]]; then
+if [[ ${ONLY:-} == speed ]]; then
+step "speed: liger wheel (optional), CUDA kernel tests"
+for w in .whl/liger_kernel-*.whl; do
+    [[ -e $w ]] && timeout 60 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w"
+done
+FTDIST_TEST_GPU=1 timeout -k 5 "$(budget 90 420)" python3 -m pytest -q -rA -m gpu tests/gpu/test_cuda_kernels.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/pytest_kernels.log"
+LIGER=$(python3 -c "import liger_kernel" 2>/dev/null && echo --liger)
+step "speed: eager, full / LoRA / QLoRA, 4096-token rows"
+t=$(budget 210 210)
+timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --methods full,lora,qlora --seq-len 4096 --micro 1 \
+    --loss-chunk-tokens 0 --budget-s $((t - 10)) > "$OUT/speed_eager.json"
+echo "speed eager: rc $? (timeout ${t} s)"
+step "speed: optimized (chunked head, compile ${LIGER:-, no liger})"
+t=$(budget 210 0)
+timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --methods full,lora,qlora --seq-len 4096 --micro 1 \
+    --compile $LIGER --budget-s $((t - 10)) > "$OUT/speed_optimized.json"
+echo "speed optimized: rc $? (timeout ${t} s)"
+python3 - "$OUT" <<'EOF2'
+import json, sys
+from pathlib import Path
+for name in ("speed_eager.json", "speed_optimized.json"):
+    try:
+        runs = json.loads((Path(sys.argv[1]) / name).read_text())["runs"]
+    except Exception as e:  # noqa: BLE001
+        print(name, "-> no result:", e)
+        continue
+    for r in runs:
+        print(name, json.dumps({k: r.get(k) for k in ("method", "tokens_per_s", "mfu", "mfu_with_attention",
+                                                      "peak_mem_gb", "compiled_graphs", "error")}))
+EOF2
+fi
+
+if [[ ${ONLY:-} != vllm && ${ONLY:-} != speed ]]; then
 step "pytest -m gpu tests/gpu"
 t=$(budget 200 340)
 FTDIST_TEST_GPU=1 timeout -k 5 "$t" python3 -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider \
@@ -133,6 +173,7 @@ timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --objective dpo --methods q
 echo "gpu_dpo: rc $? (timeout ${t} s)"
 fi
 
+if [[ ${ONLY:-} != speed ]]; then
 step "vLLM parity: its own venv, then tests/gpu/test_vllm_parity.py"
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm_venv}
 VLLM_VERSION=0.33.0  # pinned, never "latest": the version this check was written against
@@ -180,6 +221,7 @@ for name in ("packing_sdpa.json", "packing_flex.json", "gpu_adapters.json", "gpu
 EOF
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 grep -E "passed|failed|skipped|error" "$OUT/vllm.log" | tail -3
+fi
 echo "total: $((SECONDS - START)) s"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null || sleep 1  # the log is complete before the machine collects $OUT
