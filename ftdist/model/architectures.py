@@ -106,3 +106,15 @@ def decoder_blocks(model) -> list:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def required_decoder_blocks(model, needed_by: str, instead: str) -> list:
+    """decoder_blocks(model), or a ConfigError naming what needed them and what to do instead."""
+    blocks = decoder_blocks(model)
+    if not blocks:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise ConfigError(
+            f"{needed_by}: found no decoder blocks in {type(base).__name__} (looked for "
+            f"{sorted(getattr(base, '_no_split_modules', None) or [])}); {instead}"
+        )
+    return blocks

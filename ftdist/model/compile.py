@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ftdist.config import ConfigError
-from ftdist.model.architectures import decoder_blocks
+from ftdist.model.architectures import required_decoder_blocks
 from ftdist.model.attention import DOCUMENT_SDPA
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,7 @@ def compile_blocks(model: torch.nn.Module, packed: bool = False) -> int:
     around its call, in torch.utils.checkpoint, which turns dynamo off for everything it runs,
     so its blocks would never compile. Here each block's forward is checkpointed (non-reentrant,
     as model.gradient_checkpointing does) and that is compiled, which dynamo traces whole."""
-    blocks = decoder_blocks(model)
-    if not blocks:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        raise ConfigError(
-            f"train.compile=true: found no decoder blocks in {type(base).__name__} (looked for "
-            f"{sorted(getattr(base, '_no_split_modules', None) or [])}); set train.compile=false"
-        )
+    blocks = required_decoder_blocks(model, "train.compile=true", "set train.compile=false")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     checkpointed = bool(getattr(base, "is_gradient_checkpointing", False))
     if checkpointed and packed and getattr(base.config, "_attn_implementation", None) == DOCUMENT_SDPA:

@@ -19,21 +19,14 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from ftdist.compat import require_attr
 from ftdist.config import ConfigError, FtdistConfig, TrainConfig
-from ftdist.model.architectures import decoder_blocks
+from ftdist.model.architectures import required_decoder_blocks
 from ftdist.model_memory import ModelState, compute_bytes
 from ftdist.parallel.base import DistributedStrategy, Layout, Loading
 
 
 def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder blocks each made an FSDP unit; a model that declares none cannot be sharded."""
-    blocks = decoder_blocks(model)
-    if not blocks:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        raise ConfigError(
-            f"strategy=fsdp: found no decoder blocks in {type(base).__name__} (looked for "
-            f"{sorted(getattr(base, '_no_split_modules', None) or [])}); this architecture cannot be sharded per block"
-        )
-    return blocks
+    return required_decoder_blocks(model, "strategy=fsdp", "this architecture cannot be sharded per block")
 
 
 def apply_fsdp(model: torch.nn.Module, mp: MixedPrecisionPolicy, reshard: bool, offload: bool, frozen: bool = False) -> int:
