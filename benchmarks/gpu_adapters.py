@@ -225,8 +225,8 @@ def run_one(args) -> dict:
         objective=ObjectiveConfig(name="dpo", reference="adapter") if dpo else ObjectiveConfig(),
         peft=PeftConfig(method="none" if args.child == "full" else args.child),
         strategy=StrategyConfig(name=args.strategy),
-        train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, warmup_steps=0, progress_bar=False, max_steps=10**6,
-                          compile=args.compile),
+        train=TrainConfig(lr=1e-4, micro_batch_size=args.micro, grad_accum_steps=args.accum, warmup_steps=0,
+                          progress_bar=False, max_steps=10**6, compile=args.compile),
         output_dir=tempfile.mkdtemp(prefix="ftdist_gpu_adapters_"),
     )
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def run_one(args) -> dict:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         steps = args.warmup_steps + args.steps
         make_examples = synthetic_pairs if dpo else synthetic_examples
-        examples = make_examples(steps * args.micro + args.micro, args.seq_len, model.config.vocab_size)
+        examples = make_examples((steps + 1) * args.micro * args.accum, args.seq_len, model.config.vocab_size)
         tokenizer = SimpleNamespace(pad_token_id=0)  # collation needs nothing else
         t0 = time.perf_counter()
         trainer = Trainer(cfg, strategy, model, tokenizer, examples, [], Path(cfg.output_dir))
@@ -294,6 +294,7 @@ def run_one(args) -> dict:
             "linear_layers_4bit": quantized,
             "seq_len": args.seq_len,
             "micro_batch_rows": args.micro,
+            "grad_accum_steps": args.accum,
             "attn_implementation": trainer.logits.attn_implementation,
             "bf16": trainer.bf16,
             "gradient_checkpointing": not args.no_grad_ckpt,
@@ -338,7 +339,8 @@ def child_main(args) -> None:
 def run_child(method: str, strategy: str, args, timeout: float) -> dict:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", method, "--strategy", strategy,
-        "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--warmup-steps", str(args.warmup_steps),
+        "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--accum", str(args.accum),
+        "--warmup-steps", str(args.warmup_steps),
         "--steps", str(args.steps), "--attn", args.attn, "--objective", args.objective,
         *(["--tiny"] if args.tiny else []), *(["--compile"] if args.compile else []),
         *(["--liger"] if args.liger else []), *(["--no-grad-ckpt"] if args.no_grad_ckpt else []),
@@ -365,7 +367,8 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--strategy", default="fsdp", choices=["fsdp", "single"])
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch (one per step)")
+    parser.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (train.grad_accum_steps)")
     parser.add_argument("--objective", default="sft", choices=["sft", "dpo"],
                         help="dpo: random preference pairs, packed into rows of 2 x --seq-len, adapter reference")
     parser.add_argument("--warmup-steps", type=int, default=3)
