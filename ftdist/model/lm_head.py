@@ -6,11 +6,12 @@ all the logits first costs tokens x vocabulary floats (for Llama 3, 128,256 per 
 fp32 for a 4,096-token row, and as much again for their gradient), the largest activation of a
 step. `install` patches the model's output-embedding module so that, while a target is set
 (`targets`), its forward returns those per-position log-probabilities instead, computed over
-chunks of `chunk_tokens` positions. Each chunk's logits live only inside a checkpointed function:
-the forward keeps the chunk's inputs, and the backward recomputes the chunk's logits, one chunk
-at a time. The parameters keep their names and their module (no wrapper): checkpoints, export,
-FSDP2 and ZeRO-3 hooks see the model as it was. With no target set (generation, classification
-heads) the module is the plain linear layer it always was.
+chunks of `chunk_tokens` positions (ChunkedLabelLogps): the forward keeps one log-sum-exp per
+position, and the backward recomputes each chunk's logits, turns them into that chunk's
+gradient and adds its weight gradient into one buffer. The parameters keep their names and
+their module (no wrapper): checkpoints, export, FSDP2 and ZeRO-3 hooks see the model as it
+was. With no target set (generation, classification heads) the module is the plain linear
+layer it always was.
 
 The logits are computed in fp32 with autocast off. Under bf16 autocast, an fp32 weight is used
 as it is and the hidden states are cast up. A bf16 weight (bf16 parameters, FSDP mixed
@@ -26,7 +27,6 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ftdist.constants import IGNORE_INDEX
 
@@ -117,22 +117,62 @@ def label_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     shape = target.shape
     h = hidden.reshape(-1, hidden.size(-1))
     t = target.reshape(-1)
-    n = h.size(0)
-    if chunk_tokens <= 0 or n <= chunk_tokens:
-        return _chunk_logps(h, weight, bias, t).reshape(shape)
-    parts = []
-    for start in range(0, n, chunk_tokens):
-        stop = min(start + chunk_tokens, n)
-        # Checkpointed: the forward keeps the chunk's inputs only; the backward recomputes its logits.
-        parts.append(checkpoint(_chunk_logps, h[start:stop], weight, bias, t[start:stop], use_reentrant=False))
-    return torch.cat(parts).reshape(shape)
+    chunk = h.size(0) if chunk_tokens <= 0 else chunk_tokens
+    return ChunkedLabelLogps.apply(h, weight, bias, t, max(chunk, 1)).reshape(shape)
 
 
-def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-    logits = fp32_logits(h, weight, bias)
-    ignored = target == IGNORE_INDEX
-    picked = logits.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)).masked_fill(ignored, 0.0)
+class ChunkedLabelLogps(torch.autograd.Function):
+    """Label log-probs chunk by chunk, keeping per position only its log-sum-exp for backward.
+
+    The backward recomputes each chunk's logits and turns them into the gradient there:
+    d logp(t) / d logits = onehot(t) - softmax(logits), scaled by the incoming gradient. Each
+    chunk's weight gradient is added into one buffer, so a step holds one weight-sized
+    gradient and one chunk of logits, whatever the number of chunks (checkpointing each chunk
+    through autograd would hold a second weight-sized gradient while summing them)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, chunk):
+        ignored = target == IGNORE_INDEX
+        safe = target.masked_fill(ignored, 0)
+        out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        for a in range(0, h.size(0), chunk):
+            logits = fp32_logits(h[a:a + chunk], weight, bias)
+            lse[a:a + chunk] = torch.logsumexp(logits, dim=-1)
+            out[a:a + chunk] = logits.gather(-1, safe[a:a + chunk, None]).squeeze(-1) - lse[a:a + chunk]
+            del logits
+        out.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(h, weight, bias, safe, ignored, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, safe, ignored, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        g = grad_out.float().masked_fill(ignored, 0.0)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(h) if need_h else None
+        # A low-precision weight's gradient is summed over the chunks in fp32, then cast once:
+        # rounding to bf16 after every chunk would lose what autograd's single matmul keeps.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=h.device) if need_b else None
+        for a in range(0, h.size(0), chunk):
+            h_c, g_c = h[a:a + chunk], g[a:a + chunk]
+            # d(logit_t - lse)/d logits = onehot(t) - softmax: the gradient is g * (onehot - p).
+            grad_logits = fp32_logits(h_c, weight, bias).sub_(lse[a:a + chunk, None]).exp_().mul_(-g_c[:, None])
+            grad_logits.scatter_add_(-1, safe[a:a + chunk, None], g_c[:, None])
+            with torch.autocast(h.device.type, enabled=False):
+                g_logits = grad_logits.to(weight.dtype)
+                if need_h:
+                    grad_h[a:a + chunk] = (g_logits @ weight).to(h.dtype)
+                if need_w:  # in fp32 straight into the buffer: no weight-sized temporary
+                    grad_w.addmm_(grad_logits.t(), h_c.float())
+            if need_b:
+                grad_b += grad_logits.sum(0)
+            del grad_logits, g_logits
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None
 
 
 def fp32_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
