@@ -191,6 +191,29 @@ def dpo_figures(records: list[dict], timed: list[dict], seconds: float, seq_len:
     }
 
 
+def largest_micro_batch(trainer, examples: list, limit: int) -> dict:
+    """After the timed steps: the most packed rows one micro-batch can hold, doubling from 1 until
+    a forward and backward runs out of device memory (or `limit` rows pass). Gradients are dropped
+    after each try; the optimizer never steps."""
+    from ftdist.data.packing import pack_documents
+
+    items = pack_documents([len(e) if hasattr(e, "chosen") else len(e.input_ids) for e in examples],
+                           trainer.cfg.data.max_seq_len * (2 if hasattr(examples[0], "chosen") else 1), 0, 2000)
+    fits, rows = 0, 1
+    while rows <= min(limit, len(items)):
+        try:
+            trainer.accumulate([trainer.collate_items(examples, items[:rows])]).tolist()
+            fits = rows
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows *= 2
+    return {"largest_micro_batch_rows": fits, "largest_micro_batch_limit": min(limit, len(items))}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -268,6 +291,9 @@ def run_one(args) -> dict:
                 f"loss {record['loss']:.4f}, {record['tokens']} tokens{pairs} in {record['wall_s']:.3f} s",
                 file=sys.stderr, flush=True,
             )
+        peak_mem_gb = (round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
+                       else round(records[-1]["peak_mem_gb"], 2))  # the timed steps', before the search below
+        largest = largest_micro_batch(trainer, examples, args.max_micro_search) if args.max_micro_search else {}
         timed = records[args.warmup_steps :]
         tokens = sum(r["tokens"] for r in timed)
         seconds = sum(r["wall_s"] for r in timed)
@@ -314,13 +340,13 @@ def run_one(args) -> dict:
             "loss_chunk_tokens": args.loss_chunk_tokens,
             "step_s": [round(r["wall_s"], 3) for r in timed],
             "loss_first_last": [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)],
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda"
-            else round(records[-1]["peak_mem_gb"], 2),
+            "peak_mem_gb": peak_mem_gb,
             "load_peak_mem_gb": None if load_peak is None else round(load_peak, 2),
             "mem_after_build_gb": None if mem_after_build is None else round(mem_after_build, 2),
             "model_load_s": round(build_s, 2),
             "strategy_prepare_s": round(prepare_s, 2),
             "process_s": round(time.perf_counter() - t_start, 1),
+            **largest,
             **(dpo_figures(records, timed, seconds, args.seq_len, args.micro) if dpo else {}),
         }
     finally:
@@ -345,6 +371,7 @@ def run_child(method: str, strategy: str, args, timeout: float) -> dict:
         *(["--tiny"] if args.tiny else []), *(["--compile"] if args.compile else []),
         *(["--liger"] if args.liger else []), *(["--no-grad-ckpt"] if args.no_grad_ckpt else []),
         *([] if args.loss_chunk_tokens is None else ["--loss-chunk-tokens", str(args.loss_chunk_tokens)]),
+        "--max-micro-search", str(args.max_micro_search),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -379,6 +406,9 @@ def main() -> None:
     parser.add_argument("--liger", action="store_true", help="model.liger=true: Liger-Kernel (pip install 'ftdist[liger]')")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="model.loss_chunk_tokens (default auto)")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="model.gradient_checkpointing=false")
+    parser.add_argument("--max-micro-search", type=int, default=0,
+                        help="after the timed steps, double the rows of one micro-batch up to this many until "
+                             "out of memory: the largest that fits (0: skip)")
     parser.add_argument("--budget-s", type=float, default=200, help="wall-clock budget for all methods")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

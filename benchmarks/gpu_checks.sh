@@ -127,7 +127,7 @@ echo "speed eager: rc $? (timeout ${t} s)"
 step "speed: optimized (chunked head, compile ${LIGER:-, no liger})"
 t=$(budget 170 170)
 timeout -k 5 "$t" python3 benchmarks/gpu_adapters.py --methods full,lora,qlora --seq-len 4096 --micro 1 \
-    --compile $LIGER --budget-s $((t - 10)) > "$OUT/speed_optimized.json"
+    --compile $LIGER --max-micro-search 16 --budget-s $((t - 10)) > "$OUT/speed_optimized.json"
 echo "speed optimized: rc $? (timeout ${t} s)"
 step "speed: LoRA, 8 micro-batches per step"
 timeout -k 5 "$(budget 70 100)" python3 benchmarks/gpu_adapters.py --methods lora --seq-len 4096 --micro 1 \
