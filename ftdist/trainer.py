@@ -31,7 +31,7 @@ import torch
 
 from ftdist.checkpoint import FORMAT_VERSION, checkpoint_dir, load_checkpoint, save_checkpoint, train_data_fingerprint
 from ftdist.config import ConfigError, FtdistConfig
-from ftdist.data.loader import GlobalBatchSampler
+from ftdist.data.loader import GlobalBatchSampler, to_device
 from ftdist.metrics import TrainFlops, checked_mfu, device_peak_flops, peak_memory_gb
 from ftdist.model.compile import compile_blocks, compiled_graphs
 from ftdist.model.forward import ModelForward
@@ -147,13 +147,13 @@ class Trainer:
         the step reads all of it at once with the gradient norm (Strategy.step_reading)."""
         strategy, objective = self.strategy, self.objective
         forwards = getattr(objective, "reference_forwards", 0)  # no-grad forwards beyond the trained one
-        counts = strategy.all_reduce_sum_(self.to_device([
+        counts = strategy.all_reduce_sum_(to_device(torch.tensor([
             sum(objective.loss_count(b) for b in batches),
             sum(b.num_tokens for b in batches),
             sum(b.slots for b in batches),
             sum(b.num_documents for b in batches),
             sum(self.flops.step(b.document_lengths) + forwards * self.flops.forward(b.document_lengths) for b in batches),
-        ]))
+        ], dtype=torch.float64), self.device))  # pinned, non-blocking on a GPU: no wait on the queue
         # A global batch with nothing to learn contributes no gradient; avoid dividing by zero.
         scale = strategy.grad_reduction_factor / counts[0].clamp(min=1.0)
         forward = self.logits.bind(self.model)
@@ -174,14 +174,6 @@ class Trainer:
         loss_sum, objective_sums = strategy.all_reduce_sum_(sums).split([1, len(objective.sum_keys)])
         count, tokens, slots, documents, flops = counts.unbind()
         return torch.stack([loss_sum[0], count, tokens, slots, documents, flops, *objective_sums.unbind()])
-
-    def to_device(self, values: list[float]) -> torch.Tensor:
-        """Host numbers as a float64 device tensor, copied without waiting for the device's queue
-        (a copy from pageable memory would wait for all queued work first)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
 
     def totals_of(self, values: list[float]) -> dict:
         """accumulate's totals, read to the host, as named figures and the objective's metrics."""
