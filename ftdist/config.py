@@ -321,8 +321,11 @@ class ObjectiveConfig:
     OBJECTIVE_OPTIONS lists; setting it for another is an error."""
 
     name: str = "sft"
-    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust (formulas in the README)
-    beta: float = 0.1  # dpo: KL strength; simpo: reward scale; orpo: weight of the odds-ratio term
+    # dpo: sigmoid | ipo | hinge | robust; grpo: grpo | dapo | dr_grpo (formulas in the README)
+    loss_type: str = "sigmoid"
+    # dpo: KL strength; simpo: reward scale; orpo: weight of the odds-ratio term; grpo: weight of
+    # the k3 KL penalty to the reference (0: no reference model)
+    beta: float = 0.1
     label_smoothing: float = 0.0  # dpo sigmoid/robust and simpo: assumed rate of flipped labels, in [0, 0.5)
     sft_weight: float = 0.0  # dpo: weight of an NLL term on the chosen response (RPO)
     gamma: float = 0.5  # simpo: target reward margin
@@ -341,6 +344,20 @@ class ObjectiveConfig:
     # reward: the name of a row field holding a per-pair margin m (loss -log sigmoid(r_c - r_r - m)).
     margin: str | None = None
     center_rewards: float = 0.0  # reward: coefficient c of c * mean((r_c + r_r)^2), keeps scores near 0
+    # grpo (policy optimization with group-relative advantages; README "Policy optimization"):
+    group_size: int = 8  # completions sampled per prompt
+    max_new_tokens: int = 256  # completion length cap (completions_clipped_ratio counts those that hit it)
+    temperature: float = 1.0  # sampling temperature; the loss's log-probs use the same one
+    top_p: float = 1.0
+    scale_rewards: str = "group"  # advantage = reward - group mean, divided by the group's std | batch's | none
+    epsilon: float = 0.2  # clip range below 1 for the importance ratio
+    epsilon_high: float | None = None  # clip range above 1 (DAPO's clip-higher); null: epsilon
+    iterations: int = 1  # optimizer steps per generation batch (importance ratios against the sampling policy)
+    # Reward functions: exact_match | numeric_answer | json_valid | format:REGEX | reward_model:PATH |
+    # a dotted path to fn(prompts, completions, references) -> list[float]. Summed with reward_weights.
+    rewards: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None  # one per reward; null: all 1
+    rollout: str = "hf"  # hf: Hugging Face generation under the run's strategy (vllm: not yet)
 
 
 @dataclass
@@ -438,7 +455,9 @@ CHOICES = {
     "train.on_nonfinite": ("raise", "skip"),
     "tracking.backend": ("none", "wandb"),
     "tracking.mode": (None, "online", "offline", "disabled"),
-    "objective.loss_type": ("sigmoid", "ipo", "hinge", "robust"),
+    "objective.loss_type": ("sigmoid", "ipo", "hinge", "robust", "grpo", "dapo", "dr_grpo"),
+    "objective.scale_rewards": ("group", "batch", "none"),
+    "objective.rollout": ("hf",),
     "objective.reference": ("auto", "adapter", "model", "precomputed"),
 }
 
@@ -453,7 +472,11 @@ OBJECTIVE_OPTIONS = {
     "dpo": ("loss_type", "beta", "label_smoothing", "sft_weight", "reference", "reference_path", "reference_cache"),
     "simpo": ("beta", "gamma", "label_smoothing"),
     "orpo": ("beta",),
+    "grpo": ("loss_type", "beta", "reference", "reference_path", "group_size", "max_new_tokens", "temperature",
+             "top_p", "scale_rewards", "epsilon", "epsilon_high", "iterations", "rewards", "reward_weights", "rollout"),
 }
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")
 
 POSITIVE = (
     "data.max_seq_len",
@@ -588,6 +611,9 @@ def validate_objective(cfg: FtdistConfig) -> None:
     if name == "classification":
         validate_classification(cfg)
         return
+    if name == "grpo":
+        validate_grpo(cfg)
+        return
     if name == "reward":
         if o.center_rewards < 0:
             raise ConfigError(f"objective.center_rewards must be >= 0 (got {o.center_rewards})")
@@ -598,6 +624,8 @@ def validate_objective(cfg: FtdistConfig) -> None:
     if cfg.data.train_on_prompt:
         raise ConfigError("data.train_on_prompt=true: a preference pair's two sequences share their prompt, "
                           "so only the responses carry a loss")
+    if name == "dpo" and o.loss_type not in DPO_LOSSES:
+        raise ConfigError(f"objective.loss_type={o.loss_type!r} is a grpo loss; objective=dpo takes {' | '.join(DPO_LOSSES)}")
     if o.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0 (got {o.beta})")
     if not 0.0 <= o.label_smoothing < 0.5:
@@ -617,6 +645,50 @@ def validate_objective(cfg: FtdistConfig) -> None:
         if not os.path.isdir(os.path.expanduser(o.reference_path)):
             raise ConfigError(f"objective.reference_path={o.reference_path}: no such model directory "
                               f"(working directory: {os.getcwd()})")
+
+
+def validate_grpo(cfg: FtdistConfig) -> None:
+    from ftdist.objectives.rewards import check_reward_specs
+
+    o = cfg.objective
+    if cfg.data.format not in ("instruction", "chat"):
+        raise ConfigError(f"objective=grpo samples completions to prompts: it needs data.format=instruction|chat "
+                          f"(got {cfg.data.format})")
+    if o.loss_type not in GRPO_LOSSES:
+        raise ConfigError(f"objective.loss_type={o.loss_type!r} is a dpo loss; objective=grpo takes "
+                          f"{' | '.join(GRPO_LOSSES)}")
+    for key in ("group_size", "max_new_tokens", "iterations"):
+        if getattr(o, key) <= 0:
+            raise ConfigError(f"objective.{key} must be a positive integer (got {getattr(o, key)})")
+    if o.group_size < 2 and o.scale_rewards != "none":
+        raise ConfigError(f"objective.group_size={o.group_size}: a group of one has no spread to be relative to "
+                          "(use group_size >= 2)")
+    if o.temperature <= 0:
+        raise ConfigError(f"objective.temperature must be > 0 (got {o.temperature}): rollouts are sampled")
+    if not 0.0 < o.top_p <= 1.0:
+        raise ConfigError(f"objective.top_p must be in (0, 1] (got {o.top_p})")
+    if not 0.0 < o.epsilon < 1.0:
+        raise ConfigError(f"objective.epsilon must be in (0, 1) (got {o.epsilon})")
+    if o.epsilon_high is not None and o.epsilon_high <= 0:
+        raise ConfigError(f"objective.epsilon_high must be > 0 or null (got {o.epsilon_high})")
+    if o.beta < 0:
+        raise ConfigError(f"objective.beta must be >= 0 (got {o.beta})")
+    if o.reference == "precomputed":
+        raise ConfigError("objective.reference=precomputed: grpo's completions are new every step, so reference "
+                          "log-probs cannot be computed ahead (use adapter or model)")
+    if o.reference == "adapter" and cfg.peft.method == "none":
+        raise ConfigError("objective.reference=adapter needs peft=lora|dora|qlora (with peft=none use reference=model)")
+    if not o.rewards:
+        raise ConfigError("objective=grpo needs objective.rewards, e.g. objective.rewards=[exact_match]")
+    if o.reward_weights is not None and len(o.reward_weights) != len(o.rewards):
+        raise ConfigError(f"objective.reward_weights has {len(o.reward_weights)} weights for {len(o.rewards)} "
+                          f"rewards (objective.rewards={list(o.rewards)})")
+    check_reward_specs(list(o.rewards))
+    if cfg.data.packing:
+        raise ConfigError("data.packing=true with objective=grpo: rollouts are padded rows of one prompt and its "
+                          "completion (packing them is not supported yet)")
+    if cfg.data.train_on_prompt:
+        raise ConfigError("data.train_on_prompt=true with objective=grpo: only the sampled completions carry a loss")
 
 
 def validate_classification(cfg: FtdistConfig) -> None:

@@ -91,10 +91,13 @@ class Trainer:
         self.val_items = self.objective.make_items(val_examples)
         self.global_batch_size = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
         self.sampler = GlobalBatchSampler(len(self.train_items), self.global_batch_size, cfg.seed)
+        # Optimizer steps per global batch of items: 1, but for an objective that reuses a batch
+        # for several updates (GRPO's iterations over one generation batch).
+        self.updates_per_batch = getattr(self.objective, "updates_per_batch", 1)
         self.total_steps = (
             t.max_steps
             if t.max_steps is not None
-            else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size)
+            else math.ceil(t.epochs * len(self.train_items) / self.global_batch_size) * self.updates_per_batch
         )
         self.flops = TrainFlops.of(model)
         self.flops_per_token = self.flops.per_token  # matmul part only (benchmarks read it)
@@ -183,9 +186,13 @@ class Trainer:
 
     def step_batches(self, step: int) -> list[MicroBatch]:
         micro = self.sampler.rank_micro_batches(
-            step, self.strategy.rank, self.strategy.world_size, self.cfg.train.micro_batch_size
+            step // self.updates_per_batch, self.strategy.rank, self.strategy.world_size, self.cfg.train.micro_batch_size
         )
-        return [self.collate_items(self.train_examples, [self.train_items[j] for j in idx]) for idx in micro]
+        batches = [self.collate_items(self.train_examples, [self.train_items[j] for j in idx]) for idx in micro]
+        # An on-policy objective turns the step's items (prompts) into what it trains on (its
+        # rollouts) before the step's counts are taken: they depend on what was generated.
+        prepare = getattr(self.objective, "prepare_step", None)
+        return batches if prepare is None else prepare(batches, step)
 
     def optimizer_step(self, totals: torch.Tensor | None = None) -> tuple[float, float, list[float]]:
         """Clip, step, advance the schedule; returns (grad_norm before clipping, lr used, the
@@ -235,7 +242,7 @@ class Trainer:
             "step_flops": totals["flops"],  # model FLOPs of the global step, attention included
             "mfu": step_mfu,
             "peak_mem_gb": peak_memory_gb(self.device),
-            "epoch": self.sampler.epoch_at(self.step),
+            "epoch": self.sampler.epoch_at(self.step // self.updates_per_batch),
             "skipped_steps": self.skipped_steps,
             **({"compiled_graphs": compiled_graphs()} if self.cfg.train.compile else {}),
         }

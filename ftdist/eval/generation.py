@@ -21,7 +21,7 @@ from ftdist.data.prepare import Example
 from ftdist.eval.metrics import score_response
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Left padding keeps every prompt's last token at the same column, where generation starts.
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -66,7 +66,7 @@ def generate_responses(
         if gen.do_sample:
             torch.manual_seed(gen.seed)
         for chunk in chunks:
-            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+            ids, mask = left_pad(chunk, tokenizer.pad_token_id)
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

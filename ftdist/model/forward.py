@@ -41,12 +41,15 @@ class ModelForward:
         with autocast:
             return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
-    def token_logps(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        """[B, T] fp32: log p(labels[:, t + 1]) at position t, 0 where that label is ignored."""
+    def token_logps(self, model: torch.nn.Module, batch, temperature: float = 1.0,
+                    entropy: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] fp32: log p(labels[:, t + 1]) at position t, 0 where that label is ignored,
+        under logits / temperature. entropy: a [B, T] fp32 tensor to fill with each position's
+        entropy (no gradient; policy optimization logs it)."""
         head = self.head_of(model)
         if head is None:  # a head ftdist cannot chunk: full logits, then fp32 log-softmax
-            return lm_head.logits_label_logps(self(model, batch), batch.labels)
-        with lm_head.targets(head, lm_head.shifted_targets(batch.labels)):
+            return lm_head.logits_label_logps(self(model, batch), batch.labels, temperature, entropy)
+        with lm_head.targets(head, lm_head.shifted_targets(batch.labels), temperature, entropy):
             return self(model, batch)
 
     def head_of(self, model: torch.nn.Module) -> torch.nn.Module | None:
@@ -68,5 +71,5 @@ class BoundForward:
     def __call__(self, batch) -> torch.Tensor:
         return self.forward(self.model, batch)
 
-    def token_logps(self, batch) -> torch.Tensor:
-        return self.forward.token_logps(self.model, batch)
+    def token_logps(self, batch, temperature: float = 1.0, entropy: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward.token_logps(self.model, batch, temperature, entropy)

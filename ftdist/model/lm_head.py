@@ -76,19 +76,22 @@ def install(model: torch.nn.Module, chunk_tokens: int, liger: bool = False) -> t
         head.forward = functools.partial(_head_forward, head, head.forward)
     head.ftdist_chunk_tokens = chunk_tokens
     head.ftdist_liger = liger  # Liger-Kernel's fused linear cross-entropy instead of the chunks below
-    head.ftdist_target = None
+    head.ftdist_target, head.ftdist_temperature, head.ftdist_entropy = None, 1.0, None
     return head
 
 
 @contextlib.contextmanager
-def targets(head: torch.nn.Module, target: torch.Tensor):
+def targets(head: torch.nn.Module, target: torch.Tensor, temperature: float = 1.0, entropy: torch.Tensor | None = None):
     """While inside, `head`'s forward returns the log-probability of `target` [B, T] at each
-    position (0 where the target is IGNORE_INDEX) instead of logits."""
-    head.ftdist_target = target
+    position (0 where the target is IGNORE_INDEX) instead of logits, under logits / temperature
+    (policy optimization scores completions under the distribution it sampled them from). Where
+    `entropy` (a [B, T] fp32 tensor) is given, it is filled with each position's entropy, without
+    gradient (0 where the target is ignored)."""
+    head.ftdist_target, head.ftdist_temperature, head.ftdist_entropy = target, temperature, entropy
     try:
         yield
     finally:
-        head.ftdist_target = None
+        head.ftdist_target, head.ftdist_temperature, head.ftdist_entropy = None, 1.0, None
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -103,22 +106,28 @@ def _head_forward(head: torch.nn.Linear, linear_forward, hidden: torch.Tensor) -
         return linear_forward(hidden)
     if target.shape != hidden.shape[:-1]:
         raise RuntimeError(f"lm_head: targets of shape {tuple(target.shape)} for hidden states {tuple(hidden.shape)}")
-    if head.ftdist_liger:
+    bias, entropy = head.bias, head.ftdist_entropy
+    if head.ftdist_temperature != 1.0:  # (h W^T + b) / T, by scaling what goes in: autograd sees it
+        hidden = hidden / head.ftdist_temperature
+        bias = None if bias is None else bias / head.ftdist_temperature
+    if head.ftdist_liger and entropy is None:  # Liger's kernel gives no entropy: the chunks below do
         from ftdist.model.liger import fused_label_logps
 
         h = hidden.reshape(-1, hidden.size(-1))
-        return fused_label_logps(h, head.weight, head.bias, target.reshape(-1), IGNORE_INDEX).reshape(target.shape)
-    return label_logps(hidden, head.weight, head.bias, target, head.ftdist_chunk_tokens)
+        return fused_label_logps(h, head.weight, bias, target.reshape(-1), IGNORE_INDEX).reshape(target.shape)
+    return label_logps(hidden, head.weight, bias, target, head.ftdist_chunk_tokens, entropy)
 
 
 def label_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                chunk_tokens: int) -> torch.Tensor:
-    """[..., T] log p(target) under logits = hidden @ weight.T + bias, in fp32; 0 where ignored."""
+                chunk_tokens: int, entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., T] log p(target) under logits = hidden @ weight.T + bias, in fp32; 0 where ignored.
+    entropy: a tensor shaped like target, filled with each position's entropy (no gradient)."""
     shape = target.shape
     h = hidden.reshape(-1, hidden.size(-1))
     t = target.reshape(-1)
     chunk = h.size(0) if chunk_tokens <= 0 else chunk_tokens
-    return ChunkedLabelLogps.apply(h, weight, bias, t, max(chunk, 1)).reshape(shape)
+    flat_entropy = None if entropy is None else entropy.view(-1)
+    return ChunkedLabelLogps.apply(h, weight, bias, t, max(chunk, 1), flat_entropy).reshape(shape)
 
 
 class ChunkedLabelLogps(torch.autograd.Function):
@@ -131,7 +140,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
     through autograd would hold a second weight-sized gradient while summing them)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, chunk):
+    def forward(ctx, h, weight, bias, target, chunk, entropy=None):
         ignored = target == IGNORE_INDEX
         safe = target.masked_fill(ignored, 0)
         out = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
@@ -140,8 +149,12 @@ class ChunkedLabelLogps(torch.autograd.Function):
             logits = fp32_logits(h[a:a + chunk], weight, bias)
             lse[a:a + chunk] = torch.logsumexp(logits, dim=-1)
             out[a:a + chunk] = logits.gather(-1, safe[a:a + chunk, None]).squeeze(-1) - lse[a:a + chunk]
+            if entropy is not None:  # H = lse - sum(p * logits), while this chunk's logits exist
+                entropy[a:a + chunk] = lse[a:a + chunk] - (logits.softmax(-1) * logits).sum(-1)
             del logits
         out.masked_fill_(ignored, 0.0)
+        if entropy is not None:
+            entropy.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(h, weight, bias, safe, ignored, lse)
         ctx.chunk = chunk
         return out
@@ -172,7 +185,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
                 grad_b += grad_logits.sum(0)
             del grad_logits, g_logits
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None
+        return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype), None, None, None
 
 
 def fp32_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -186,10 +199,14 @@ def fp32_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return F.linear(h, weight, bias).float()
 
 
-def logits_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logits_label_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                       entropy: torch.Tensor | None = None) -> torch.Tensor:
     """The same log-probs from full logits [B, T, V] and unshifted labels [B, T]: for models
     whose head is not a plain linear layer, and the independent computation tests compare with."""
     target = shifted_targets(labels)
-    logp = logits.float().log_softmax(-1)
+    logp = (logits.float() / temperature).log_softmax(-1)
     ignored = target == IGNORE_INDEX
+    if entropy is not None:
+        with torch.no_grad():
+            entropy.copy_(-(logp.exp() * logp).sum(-1).masked_fill(ignored, 0.0))
     return logp.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)

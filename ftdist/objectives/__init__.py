@@ -11,12 +11,14 @@ from ftdist.config import ConfigError, FtdistConfig
 from ftdist.objectives.base import Objective
 from ftdist.objectives.classification import ClassificationObjective
 from ftdist.objectives.dpo import DPOObjective
+from ftdist.objectives.grpo import GRPOObjective
 from ftdist.objectives.preference import ORPOObjective, SimPOObjective
 from ftdist.objectives.reward import RewardObjective
 from ftdist.objectives.sft import SFTObjective
 
 OBJECTIVES: dict[str, type] = {"sft": SFTObjective, "dpo": DPOObjective, "simpo": SimPOObjective, "orpo": ORPOObjective,
-                               "classification": ClassificationObjective, "reward": RewardObjective}
+                               "classification": ClassificationObjective, "reward": RewardObjective,
+                               "grpo": GRPOObjective}
 
 
 def register_objective(name: str, cls: type) -> None:
