@@ -151,6 +151,11 @@ def _write_state(trainer, partial: Path) -> None:
     strategy = trainer.strategy
     strategy.save_checkpoint(trainer.model, trainer.optimizer, partial / "model_optimizer")
     torch.save(rng_state(), partial / "rng" / f"rank{strategy.rank}.pt")
+    # An objective's own per-rank state (GRPO's rollouts mid-way through their iterations).
+    objective_state = getattr(trainer.objective, "state_dict", lambda: None)()
+    if objective_state is not None:
+        (partial / "objective").mkdir(exist_ok=True)
+        torch.save(objective_state, partial / "objective" / f"rank{strategy.rank}.pt")
     if strategy.is_main:
         torch.save(trainer.checkpoint_state(), partial / "trainer.pt")
 
@@ -427,4 +432,7 @@ def load_checkpoint(trainer, path: Path) -> None:
             "resume: %s has no RNG state for rank %d (it holds %s): random draws from here on differ from an "
             "uninterrupted run's", path, trainer.strategy.rank, ", ".join(saved) or "none",
         )
+    objective_state = path / "objective" / f"rank{trainer.strategy.rank}.pt"
+    if objective_state.is_file():
+        trainer.objective.load_state_dict(load_plain(objective_state), trainer.step)
     log.info("resumed from %s at step %d", path, trainer.step)

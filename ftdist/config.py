@@ -648,8 +648,7 @@ def validate_objective(cfg: FtdistConfig) -> None:
 
 
 def validate_grpo(cfg: FtdistConfig) -> None:
-    from ftdist.objectives.rewards import check_reward_specs
-
+    """The grpo options; its reward specs are checked by the objective (objectives.check_objective)."""
     o = cfg.objective
     if cfg.data.format not in ("instruction", "chat"):
         raise ConfigError(f"objective=grpo samples completions to prompts: it needs data.format=instruction|chat "
@@ -683,7 +682,6 @@ def validate_grpo(cfg: FtdistConfig) -> None:
     if o.reward_weights is not None and len(o.reward_weights) != len(o.rewards):
         raise ConfigError(f"objective.reward_weights has {len(o.reward_weights)} weights for {len(o.rewards)} "
                           f"rewards (objective.rewards={list(o.rewards)})")
-    check_reward_specs(list(o.rewards))
     if cfg.data.packing:
         raise ConfigError("data.packing=true with objective=grpo: rollouts are padded rows of one prompt and its "
                           "completion (packing them is not supported yet)")

@@ -15,7 +15,7 @@ import os
 
 from ftdist import plan
 from ftdist.config import FtdistConfig
-from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, dpo_reference, micro_batch_shape, model_state
+from ftdist.model_memory import NF4_BYTES_PER_PARAM, Census, micro_batch_shape, model_state, objective_reference
 from ftdist.parallel import strategy_class
 
 
@@ -93,7 +93,8 @@ def describe_batch(cfg: FtdistConfig, world: int) -> str:
 
 def describe_memory(cfg: FtdistConfig, mem: dict, world: int) -> list[str]:
     lines = ["memory per rank (GiB, estimate; python -m ftdist.plan explains each part):"]
-    shown = [part for part in mem if part not in ("total_gpu", "cpu") and (part != "reference" or dpo_reference(cfg))]
+    has_reference = objective_reference(cfg) is not None
+    shown = [part for part in mem if part not in ("total_gpu", "cpu") and (part != "reference" or has_reference)]
     lines += [f"  {part:<16} {mem[part]:8.2f}" for part in shown]
     lines.append(f"  {'total GPU':<16} {mem['total_gpu']:8.2f}")
     if mem["cpu"]:

@@ -1,6 +1,7 @@
 """What a model holds in memory whatever the strategy: its parameters' storage (4-bit weights and
 their NF4 constants included), its trained parameters and optimizer groups, the activations a
-micro-batch saves for backward, and DPO's frozen reference model where the run loads one.
+micro-batch saves for backward, and what the objective adds (objective_shape): preference pairs,
+a frozen reference model where the run loads one (DPO, GRPO), GRPO's rollout and its KV cache.
 
 The model is built on the meta device (shapes and dtypes, no storage, nothing downloaded) with the
 adapters training uses, so every count is the real module tree's. How a strategy splits, casts and
@@ -74,7 +75,7 @@ class ModelState:
     optimizer_groups: list[list[int]]  # trained parameters' sizes, in the optimizer's groups and order
     matmul_params: int  # per-token matmul parameters (ftdist.metrics' FLOPs count)
     flops_per_token: float
-    reference: ModelState | None = None  # DPO's frozen reference model, where the run loads one
+    reference: ModelState | None = None  # the objective's frozen reference model, where the run loads one
 
     @property
     def loaded_bytes(self) -> float:
@@ -154,7 +155,7 @@ def take_census(model, quantized: set[int], layers, base_ids: set[int]) -> Censu
 
 def model_state(cfg: FtdistConfig, built=None) -> ModelState:
     """The storage of the configured model, built on the meta device (or from build_meta_model's
-    result, when the caller has one), and of the reference model DPO loads beside it."""
+    result, when the caller has one), and of the reference model the objective loads beside it."""
     state = _storage(cfg, built)
     if reference_model_use(cfg) is not None:
         state.reference = _storage(reference_config(cfg))
@@ -201,33 +202,73 @@ def _storage(cfg: FtdistConfig, built=None) -> ModelState:
     )
 
 
-# --- preference objectives: pairs, and DPO's reference -----------------------------------------
+# --- what an objective adds: pairs, a reference, a rollout --------------------------------------
 
 
-def micro_batch_shape(cfg: FtdistConfig) -> tuple[int, int]:
-    """(rows, tokens per row) of a training micro-batch at its largest. Preference objectives hold
-    whole pairs (ftdist.objectives.preference): unpacked, each pair is two rows, chosen and
-    rejected; packed, each item is one row of up to 2 x data.max_seq_len tokens."""
-    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+@dataclass(frozen=True)
+class Rollout:
+    """GRPO's generation of one micro-batch's completions (Hugging Face generate, a KV cache):
+    micro_batch_size x group_size sequences at once, each of up to prompt + max_new_tokens tokens.
+    The planner reads no data, so data.max_seq_len bounds the prompt."""
+
+    rows: int
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.new_tokens
+
+
+@dataclass(frozen=True)
+class ObjectiveShape:
+    """What the objective adds to the run SFT would size; the planner reads it only from here."""
+
+    rows: int  # a training micro-batch's rows, at their largest
+    row_tokens: int
+    sequence_tokens: int  # one sequence's longest: what causal attention spans
+    reference: str | None = None  # adapter | model | precomputed; None: the objective has none
+    rollout: Rollout | None = None  # generation before training, taking turns with it
+
+
+def objective_shape(cfg: FtdistConfig) -> ObjectiveShape:
+    """Preference objectives hold whole pairs (ftdist.objectives.preference): unpacked, each pair
+    is two rows, chosen and rejected; packed, each item is one row of up to 2 x data.max_seq_len
+    tokens. DPO has a reference. GRPO trains on its rollout's rows, and has a reference where
+    objective.beta > 0 (its KL penalty)."""
+    o, rows, seq = cfg.objective, cfg.train.micro_batch_size, cfg.data.max_seq_len
+    if o.name == "grpo":
+        r = Rollout(rows * o.group_size, seq, o.max_new_tokens)
+        return ObjectiveShape(r.rows, r.tokens, r.tokens, _resolved_reference(cfg) if o.beta > 0 else None, r)
+    reference = _resolved_reference(cfg) if o.name == "dpo" else None
     if cfg.data.format != "preference":
-        return rows, seq
-    return (rows, 2 * seq) if cfg.data.packing else (2 * rows, seq)
+        return ObjectiveShape(rows, seq, seq, reference)
+    pairs = (rows, 2 * seq) if cfg.data.packing else (2 * rows, seq)
+    return ObjectiveShape(*pairs, seq, reference)
 
 
-def dpo_reference(cfg: FtdistConfig) -> str | None:
-    """objective.reference as dpo resolves it (adapter, model or precomputed); None for objectives
-    with no reference."""
-    if cfg.objective.name != "dpo":
-        return None
+def _resolved_reference(cfg: FtdistConfig) -> str:
     from ftdist.objectives.reference import reference_mode
 
     return reference_mode(cfg)
 
 
+def micro_batch_shape(cfg: FtdistConfig) -> tuple[int, int]:
+    """(rows, tokens per row) of a training micro-batch at its largest."""
+    shape = objective_shape(cfg)
+    return shape.rows, shape.row_tokens
+
+
+def objective_reference(cfg: FtdistConfig) -> str | None:
+    """objective.reference as the objective resolves it (adapter, model or precomputed); None for
+    objectives with no reference."""
+    return objective_shape(cfg).reference
+
+
 def reference_model_use(cfg: FtdistConfig) -> str | None:
     """When the run holds a second, frozen model: "training" (reference=model), "before training"
     (precomputed from objective.reference_path: loaded for the pass, then freed), or None."""
-    mode = dpo_reference(cfg)
+    mode = objective_reference(cfg)
     if mode == "model":
         return "training"
     if mode == "precomputed" and cfg.objective.reference_path is not None:
@@ -248,7 +289,7 @@ def reference_config(cfg: FtdistConfig) -> FtdistConfig:
 
 def reference_forward_each_micro_batch(cfg: FtdistConfig) -> bool:
     """Whether each training micro-batch also runs the reference's no-grad forward."""
-    return dpo_reference(cfg) in ("adapter", "model")
+    return objective_reference(cfg) in ("adapter", "model")
 
 
 def compute_bytes(cfg: FtdistConfig) -> int:
@@ -258,11 +299,9 @@ def compute_bytes(cfg: FtdistConfig) -> int:
 
 def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
     """Saved activations of one micro-batch, a rough count of the tensors autograd keeps, and its
-    logits (DPO's reference forward's come and go before the policy's forward)."""
+    logits (a reference forward's come and go before the policy's forward)."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    heads, kv = config.num_attention_heads, kv_width(config)
     rows, seq = micro_batch_shape(cfg)
     tokens, act = rows * seq, compute_bytes(cfg)
     # Per token and layer, as counted with saved-tensor hooks on transformers' Llama (sdpa):
@@ -281,9 +320,36 @@ def activation_bytes(cfg: FtdistConfig, config, c: Census) -> float:
         saved = layers * tokens * h * act + per_layer
     else:
         saved = layers * per_layer
-    # DPO's reference forward runs first in the loss (ftdist.objectives.preference), under no_grad:
-    # its logits and their fp32 log-softmax are freed before the policy's forward saves anything,
-    # so its peak (the same logits, nothing saved) stays below the policy's and adds nothing.
+    # A reference forward (DPO's, GRPO's) runs apart from the policy's, under no_grad (DPO's
+    # first in the loss, ftdist.objectives.preference): its logits and their fp32 log-softmax are
+    # freed before the policy's forward saves anything, so its peak (the same logits, nothing
+    # saved) stays below the policy's and adds nothing.
     # A scoring head outputs num_labels scores per position, not the vocabulary.
     width = config.num_labels if planned_head(cfg) is not None else config.vocab_size
     return saved + tokens * width * (act + LOSS_BYTES_PER_LOGIT)
+
+
+def kv_width(config) -> int:
+    """Key (or value) features per token and layer: key/value heads x head_dim."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+
+
+def kv_cache_bytes(config, rows: int, positions: int, element_bytes: int) -> int:
+    """What a DynamicCache holds for `rows` sequences of `positions` tokens: each layer's keys
+    and values, [rows, key/value heads, positions, head_dim] each."""
+    return 2 * config.num_hidden_layers * kv_width(config) * rows * positions * element_bytes
+
+
+def rollout_bytes(cfg: FtdistConfig, config) -> dict[str, int]:
+    """GPU bytes of the objective's generation at its peak, the last decode step, by part (none
+    where it generates nothing): the KV cache of every position of every row, and that step's
+    logits (the model's, and generate's fp32 copy it samples from). The prefill's no-grad working
+    set, one layer's over the prompts, is below what training saves for the same rows."""
+    rollout = objective_shape(cfg).rollout
+    if rollout is None:
+        return {}
+    act = compute_bytes(cfg)
+    return {"kv_cache": kv_cache_bytes(config, rollout.rows, rollout.tokens, act),
+            "logits": rollout.rows * config.vocab_size * (act + 4)}

@@ -7,9 +7,12 @@ strategy follows. Those rules are the strategy's own: each class in ftdist/paral
 the code that runs, what it keeps in which dtype, how it shards and places it, its communication
 buffers, what loading holds, and which change of it frees memory. This module holds only what
 every strategy shares: activations, speed, the fits check, the search for a change that fits,
-and the report. Preference objectives size a micro-batch of pairs as its chosen and rejected
-sequences; DPO's frozen reference model, where the run loads one, is a part of its own, placed
-as the strategy places the policy's weights. `dry_run=true` (ftdist.dry_run) prints the same numbers in its own words.
+and the report. What an objective adds comes from one place, model_memory.objective_shape:
+preference objectives size a micro-batch of pairs as its chosen and rejected sequences; a frozen
+reference model (DPO's, GRPO's with beta > 0), where the run loads one, is a part of its own,
+placed as the strategy places the policy's weights; GRPO's rollout (generation with a KV cache)
+takes turns with training, so the larger of the two is the activations part. `dry_run=true`
+(ftdist.dry_run) prints the same numbers in its own words.
 
 tests/memory_probe.py counts the same parts on a live model after a step (reading FSDP2's and
 DeepSpeed's private state, which only a test should); tests/dist/test_plan_model_state.py holds
@@ -31,12 +34,13 @@ from ftdist.model_memory import (
     ModelState,
     activation_bytes,
     compute_bytes,
-    dpo_reference,
-    micro_batch_shape,
     model_state,
+    objective_reference,
+    objective_shape,
     reference_config,
     reference_forward_each_micro_batch,
     reference_model_use,
+    rollout_bytes,
 )
 from ftdist.parallel import strategy_class
 
@@ -48,12 +52,29 @@ PARTS = ("parameters", "lora", "quant_constants", "reference", "gradients", "opt
 # --- memory -----------------------------------------------------------------------------------
 
 
-def activations(cfg: FtdistConfig, m: ModelState, checkpointing: bool) -> float:
+def on_planned_gpu(cfg: FtdistConfig) -> FtdistConfig:
     c = copy.deepcopy(cfg)
-    c.model.gradient_checkpointing = checkpointing
     if c.train.mixed_precision == "auto":
         c.train.mixed_precision = "bf16"  # the GPU the plan sizes computes in bf16
+    return c
+
+
+def activations(cfg: FtdistConfig, m: ModelState, checkpointing: bool) -> float:
+    c = on_planned_gpu(cfg)
+    c.model.gradient_checkpointing = checkpointing
     return activation_bytes(c, m.config, m.census)
+
+
+def rollout(cfg: FtdistConfig, m: ModelState) -> dict[str, int]:
+    """The objective's generation working set by part (model_memory.rollout_bytes; none for
+    objectives that generate nothing)."""
+    return rollout_bytes(on_planned_gpu(cfg), m.config)
+
+
+def working_set(cfg: FtdistConfig, m: ModelState) -> float:
+    """Training's activations, or the rollout's peak where larger: generation and training take
+    turns, so the GPU holds one of them at a time beside the state."""
+    return max(activations(cfg, m, cfg.model.gradient_checkpointing), sum(rollout(cfg, m).values()))
 
 
 def world_size(cfg: FtdistConfig) -> int:
@@ -78,7 +99,7 @@ def memory(cfg: FtdistConfig, m: ModelState, rank: int | None = None) -> dict:
     reference, reference_on_cpu = reference_share(cfg, m, world)
     in_training = reference if reference_model_use(cfg) == "training" else 0.0
     gpu["reference"], cpu_parts["reference"] = (0.0, in_training) if reference_on_cpu else (in_training, 0.0)
-    gpu["activations"] = activations(cfg, m, cfg.model.gradient_checkpointing)
+    gpu["activations"] = working_set(cfg, m)
     gpu["communication"], comm_note = strategy.communication_bytes(cfg, m, world)
     gpu["workspace"] = cfg.plan.workspace_gb * GIB
     reference_gpu = 0.0 if reference_on_cpu else reference
@@ -88,8 +109,8 @@ def memory(cfg: FtdistConfig, m: ModelState, rank: int | None = None) -> dict:
 
 
 def reference_share(cfg: FtdistConfig, m: ModelState, world: int) -> tuple[float, bool]:
-    """(bytes, in CPU memory) of DPO's frozen reference model on each rank; 0 where the run loads
-    none. prepare_frozen places it as the strategy places the policy's base weights: whole
+    """(bytes, in CPU memory) of the objective's frozen reference model on each rank; 0 where the
+    run loads none. prepare_frozen places it as the strategy places the policy's base weights: whole
     (single, DDP, ZeRO-1/2) or 1/world (FSDP2, ZeRO-3), in the dtype the strategy keeps them in
     (DeepSpeed: bf16 where it computes in bf16), in CPU memory where those are offloaded."""
     if m.reference is None:
@@ -104,7 +125,7 @@ def reference_pass(cfg: FtdistConfig, m: ModelState, gpu: dict, reference_gpu: f
     other modes): the training state less its activations (an upper bound: the optimizer state
     may not exist yet), the reference model where one is loaded for the pass, and the no-grad
     logits of train.eval_batch_size pairs (two rows each) with their fp32 log-softmax."""
-    if dpo_reference(cfg) != "precomputed":
+    if objective_reference(cfg) != "precomputed":
         return 0.0
     logits = 2 * cfg.train.eval_batch_size * cfg.data.max_seq_len * m.config.vocab_size * (
         compute_bytes(cfg) + LOSS_BYTES_PER_LOGIT)
@@ -120,13 +141,13 @@ def loading(cfg: FtdistConfig, m: ModelState, mem: dict) -> dict:
     host_rank0, host_other, gpu_extra, note = held.host_rank0, held.host_other_rank, held.gpu_extra, held.note
     if m.reference is not None:
         ref = strategy.loading(reference_config(cfg), m.reference)
-        # ftdist.train loads DPO's reference right after the policy, before prepare: FSDP's policy
+        # ftdist.train loads the reference right after the policy, before prepare: FSDP's policy
         # still waits in host memory then; elsewhere load_model has moved it to the GPU already.
         both = operator.add if strategy.loads_on_rank0_only else max
         host_rank0, host_other = both(host_rank0, ref.host_rank0), both(host_other, ref.host_other_rank)
         gpu_extra = max(gpu_extra, ref.gpu_extra)
         how = "the same way" if ref.note == note else f"as a model without adapters ({ref.note})"
-        note += f"; DPO's reference model then loads {how}" + (", both held until prepare" if both is operator.add else "")
+        note += f"; the reference model then loads {how}" + (", both held until prepare" if both is operator.add else "")
     per_node = min(mem["world"], cfg.cluster.gpus_per_node)
     gpu = mem["gpu"]
     settled = gpu["parameters"] + gpu["lora"] + gpu["quant_constants"] + mem["reference_gpu"] + gpu["workspace"]
@@ -214,8 +235,9 @@ def speed(cfg: FtdistConfig, m: ModelState, world: int) -> dict:
 
     t = cfg.train
     peak = GPU_PEAK_FLOPS[cfg.cluster.gpu.upper()]
-    seq = cfg.data.max_seq_len  # a sequence's longest (a packed pair's row holds two)
-    rows, row_tokens = micro_batch_shape(cfg)
+    shape = objective_shape(cfg)
+    seq = shape.sequence_tokens  # a sequence's longest (a packed pair's row holds two)
+    rows, row_tokens = shape.rows, shape.row_tokens
     tokens_per_rank = rows * row_tokens * t.grad_accum_steps
     # The causal attention term as the trainer's `mfu` counts it, for rows that are one document
     # each: the most attention work a row can hold (packed shorter documents do less).
@@ -223,7 +245,7 @@ def speed(cfg: FtdistConfig, m: ModelState, world: int) -> dict:
     # Checkpointing recomputes each layer's forward in backward: 2N more FLOPs (and a third of
     # the attention term) the GPU spends, which MFU (model FLOPs) does not credit.
     recompute = 2.0 * m.matmul_params + attention / 3 if cfg.model.gradient_checkpointing else 0.0
-    # DPO's reference forward (adapter or model): a forward, which MFU does not credit either.
+    # The reference's forward (adapter or model): a forward, which MFU does not credit either.
     reference = 2.0 * m.matmul_params + attention / 3 if reference_forward_each_micro_batch(cfg) else 0.0
     model_flops = m.flops_per_token + attention
     step_s = tokens_per_rank * (model_flops + recompute + reference) / (peak * cfg.plan.mfu)
@@ -262,13 +284,14 @@ def make_plan(cfg: FtdistConfig, m: ModelState | None = None) -> dict:
         "gpus_per_node": cfg.cluster.gpus_per_node,
         "strategy": strategy_class(cfg.strategy).describe(cfg),
         "peft": cfg.peft.method,
-        "objective": {"name": cfg.objective.name, "reference": dpo_reference(cfg),
+        "objective": {"name": cfg.objective.name, "reference": objective_reference(cfg),
                       "reference_model": reference_model_use(cfg)},
         "params": {"total": m.census.total, "trainable": m.trainable, "adapter": m.census.adapter},
         "breakdown_gb": {k: v / GIB for k, v in mem["gpu"].items()},
         "cpu_per_rank_gb": mem["cpu"] / GIB,
         "activations_gb": {"checkpointing": activations(cfg, m, True) / GIB,
                            "no_checkpointing": activations(cfg, m, False) / GIB},
+        "rollout_gb": {part: v / GIB for part, v in rollout(cfg, m).items()},
         "speed": speed(cfg, m, mem["world"]),
         "suggestion": None if gpu_ok and cpu_ok else suggest(cfg, m),
         "reference_pass_gb": mem["reference_pass"] / GIB,
@@ -312,9 +335,13 @@ def describe_objective(cfg: FtdistConfig, plan: dict) -> str:
 
 def describe_batch(cfg: FtdistConfig) -> str:
     t, d = cfg.train, cfg.data
-    rows, row_tokens = micro_batch_shape(cfg)
+    shape = objective_shape(cfg)
+    rows, row_tokens = shape.rows, shape.row_tokens
     kind = "packed" if d.packing else "padded, at most"
-    if d.format != "preference":
+    if shape.rollout:
+        micro = (f"micro {t.micro_batch_size} prompts x {cfg.objective.group_size} completions = {rows} rows x "
+                 f"{row_tokens} tokens (data.max_seq_len prompt + objective.max_new_tokens, padded, at most)")
+    elif d.format != "preference":
         micro = f"micro {rows} x {row_tokens} tokens ({kind})"
     elif d.packing:
         micro = f"micro {rows} x {row_tokens} tokens (packed rows of whole chosen/rejected pairs)"
@@ -324,8 +351,20 @@ def describe_batch(cfg: FtdistConfig) -> str:
     return f"batch: {micro}, accum {t.grad_accum_steps}, activation checkpointing {ckpt}"
 
 
+def describe_rollout(cfg: FtdistConfig, rollout_gb: dict) -> list[str]:
+    """The rollout's lines (none where the objective generates nothing)."""
+    r = objective_shape(cfg).rollout
+    if r is None:
+        return []
+    return [f"  rollout: {r.rows} sequences generated together ({cfg.train.micro_batch_size} prompts x group "
+            f"{cfg.objective.group_size}), each at most {r.prompt_tokens} prompt tokens (data.max_seq_len bounds the "
+            f"prompt: the planner reads no data) + {r.new_tokens} new; generation time is not in the step time",
+            f"  rollout: KV cache {rollout_gb['kv_cache']:.2f} + last decode step's logits {rollout_gb['logits']:.2f} "
+            f"= {sum(rollout_gb.values()):.2f} GiB"]
+
+
 def report(cfg: FtdistConfig, plan: dict) -> str:
-    d = cfg.data
+    sequence = objective_shape(cfg).sequence_tokens
     sp = plan["speed"]
     mode = plan["objective"]["reference"]
     lines = [
@@ -338,12 +377,15 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
         "memory per GPU (GiB):",
     ]
     notes = {**NOTES, "communication": plan["communication"], "reference": REFERENCE_NOTES.get(mode, "")}
+    if plan["rollout_gb"]:
+        notes["activations"] += ", or the rollout's if larger (they take turns)"
     for part, gib in plan["breakdown_gb"].items():
         if part != "reference" or mode is not None:
             lines.append(f"  {part:<16}{gib:8.2f}   {notes[part]}")
     lines.append(f"  {'total':<16}{plan['per_gpu_gb']:8.2f}   of {cfg.cluster.gpu_mem_gb:g}")
     acts = plan["activations_gb"]
     lines.append(f"  activations with checkpointing {acts['checkpointing']:.2f}, without {acts['no_checkpointing']:.2f}")
+    lines += describe_rollout(cfg, plan["rollout_gb"])
     if mode == "precomputed":
         held = f"the reference model of {cfg.objective.reference_path}, " if plan["objective"]["reference_model"] else ""
         lines.append(f"reference pass before training: GPU peak {plan['reference_pass_gb']:.2f} GiB per GPU (training "
@@ -368,7 +410,7 @@ def report(cfg: FtdistConfig, plan: dict) -> str:
         f"speed at MFU {sp['mfu']:g} of {sp['peak_tflops']:.0f} TFLOP/s bf16 peak: step {sp['step_time_s']:.2f} s for "
         f"{sp['tokens_per_step']:,} tokens, {sp['tokens_per_s']:,.0f} tokens/s ({sp['tokens_per_s_per_gpu']:,.0f} per GPU); "
         f"{sp['flops_per_token'] / 1e9:.1f} GFLOP/token (6N trained, 4N frozen, "
-        f"+ {sp['attention_flops_per_token'] / 1e9:.1f} causal attention over whole {d.max_seq_len}-token rows)"
+        f"+ {sp['attention_flops_per_token'] / 1e9:.1f} causal attention over whole {sequence}-token rows)"
         + (f" + {sp['recompute_flops_per_token'] / 1e9:.1f} recomputed" if sp["recompute_flops_per_token"] else "")
         + (f" + {sp['reference_flops_per_token'] / 1e9:.1f} reference forward" if sp["reference_flops_per_token"] else "")
     )
@@ -390,8 +432,8 @@ def predicted_model_state(
     cfg: FtdistConfig, world: int, m: ModelState | None = None, rank: int | None = None
 ) -> dict[str, float]:
     """The plan's per-rank bytes of what tests/memory_probe.py's measure_model_state counts
-    (parameters include adapters; DPO's frozen reference model apart), in GPU and CPU memory
-    together: offloaded state is still this rank's."""
+    (parameters include adapters; the objective's frozen reference model apart), in GPU and CPU
+    memory together: offloaded state is still this rank's."""
     m = m or model_state(cfg)
     c = _on_one_node(cfg, world)
     mem = memory(c, m, rank)

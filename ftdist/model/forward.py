@@ -36,9 +36,12 @@ class ModelForward:
         self.liger = liger
         self.heads: dict[int, torch.nn.Module | None] = {}  # id(model) -> its patched LM head (None: none)
 
+    def precision(self):
+        """The run's compute precision as a context: bf16 autocast where the strategy does not already cast."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
     def __call__(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        autocast = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with autocast:
+        with self.precision():
             return model(**model_inputs(batch, self.attn_implementation, self.model_dtype, self.sliding_window)).logits
 
     def token_logps(self, model: torch.nn.Module, batch, temperature: float = 1.0,

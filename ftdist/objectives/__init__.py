@@ -33,8 +33,11 @@ def objective_class(name: str) -> type:
 
 
 def check_objective(cfg: FtdistConfig) -> None:
-    """The configured objective exists (config.validate cannot ask: this package imports config)."""
-    objective_class(cfg.objective.name)
+    """The configured objective exists and accepts its options beyond what config.validate
+    checks (config cannot import this package, which imports config): GRPO's reward functions."""
+    check = getattr(objective_class(cfg.objective.name), "check_config", None)
+    if check is not None:
+        check(cfg)
 
 
 def scores_sequences(name: str) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ftdist.config import ConfigError
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Example
 from ftdist.data.loader import Batch, collate
@@ -34,7 +35,7 @@ from ftdist.model.lm_head import shifted_targets
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
 from ftdist.objectives.preference import disable_dropout
 from ftdist.objectives.reference import reference_mode, without_adapters
-from ftdist.objectives.rewards import RewardFunctions, reward_names
+from ftdist.objectives.rewards import RewardFunctions, check_reward_specs, reward_names
 from ftdist.objectives.rollout import Sampling, sample_completions
 from ftdist.objectives.sft import SFTObjective, describe_generation
 
@@ -163,6 +164,11 @@ class GRPOObjective:
         self.rollout: tuple[int, list[RolloutBatch]] | None = None  # (first step it serves, its micro-batches)
         self.step_metrics: dict = {}
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Before launch: every reward names something that exists (ConfigError otherwise)."""
+        check_reward_specs(list(cfg.objective.rewards))
+
     def setup(self, ctx: TrainingContext) -> None:
         self.model, self.strategy, self.logits = ctx.model, ctx.strategy, ctx.logits
         self.train_examples = ctx.train_examples
@@ -182,7 +188,8 @@ class GRPOObjective:
 
     def reward_functions(self, device: torch.device) -> RewardFunctions:
         if self.rewards is None:  # a reward model loads once, on first use
-            self.rewards = RewardFunctions(list(self.options.rewards), self.options.reward_weights, device)
+            self.rewards = RewardFunctions(list(self.options.rewards), self.options.reward_weights, device,
+                                           self.tokenizer)
         return self.rewards
 
     # --- data -----------------------------------------------------------------------------
@@ -234,8 +241,9 @@ class GRPOObjective:
     def generate(self, model, batch: PromptBatch, data_step: int) -> list[list[int]]:
         """group_size completions (token ids) per prompt, group by group."""
         examples = self.train_examples
-        return sample_completions(model, self.tokenizer, [examples[i].prompt_ids for i in batch.indices], batch.indices,
-                                  data_step, self.sampling, self.strategy.device, self.strategy.shards_parameters)
+        with self.logits.precision():  # sampled in the precision the loss computes in
+            return sample_completions(model, self.tokenizer, [examples[i].prompt_ids for i in batch.indices], batch.indices,
+                                      data_step, self.sampling, self.strategy.device, self.strategy.shards_parameters)
 
     def score(self, prompts: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, dict[str, list[float]]]:
         """Each completion's weighted reward (and each reward function's values), in order."""
@@ -244,7 +252,9 @@ class GRPOObjective:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         texts = [decode(examples[i].prompt_ids) for i in prompts for _ in range(g)]
         references = [examples[i].reference for i in prompts for _ in range(g)]
-        total, per_reward = self.reward_functions(self.strategy.device).score(texts, [decode(c) for c in completions], references)
+        sequences = [examples[i].prompt_ids + c for i, c in zip((i for i in prompts for _ in range(g)), completions)]
+        total, per_reward = self.reward_functions(self.strategy.device).score(
+            texts, [decode(c) for c in completions], references, sequences)
         return torch.tensor(total, dtype=torch.float64), per_reward
 
     def advantages(self, rewards: torch.Tensor, per_reward: dict[str, list[float]], completions) -> torch.Tensor:
@@ -289,6 +299,34 @@ class GRPOObjective:
         if self.reference_mode is not None:
             ref = self.reference_logps(rows)
         return replace(rollout, old_logps=old, ref_logps=ref)
+
+    # --- checkpoint ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        """What a resumed run cannot regenerate: with iterations > 1, the current generation
+        batch's rollouts (the policy that sampled them is gone by the next step). Per rank."""
+        if self.rollout is None or self.options.iterations == 1:
+            return None
+        first, batches = self.rollout
+        return {"first_step": first, "world_size": self.strategy.world_size, "batches": [
+            {"input_ids": b.rows.input_ids.cpu(), "attention_mask": b.rows.attention_mask.cpu(),
+             "labels": b.rows.labels.cpu(), "advantages": b.advantages.cpu(), "completion_tokens": b.completion_tokens,
+             "old_logps": b.old_logps.cpu(), "ref_logps": None if b.ref_logps is None else b.ref_logps.cpu()}
+            for b in batches], "step_metrics": self.step_metrics}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if step % self.options.iterations == 0 or state["first_step"] != step - step % self.options.iterations:
+            return  # the next step generates anew
+        if state["world_size"] != self.strategy.world_size:
+            raise ConfigError(
+                f"resume at step {step}: inside a generation batch (objective.iterations={self.options.iterations}) "
+                f"saved by {state['world_size']} ranks, resumed on {self.strategy.world_size}; its rollouts are per rank "
+                "(resume on as many ranks, or from a checkpoint at a multiple of objective.iterations)")
+        device = self.strategy.device
+        batches = [RolloutBatch(Batch.from_tensors(b["input_ids"], b["attention_mask"], b["labels"]), b["advantages"],
+                                b["completion_tokens"], b["old_logps"], b["ref_logps"]).to(device) for b in state["batches"]]
+        self.rollout = (state["first_step"], batches)
+        self.step_metrics = dict(state["step_metrics"])
 
     # --- loss -----------------------------------------------------------------------------
 
@@ -344,7 +382,12 @@ class GRPOObjective:
         """eval_reward and eval_rewards/<name>/mean of the greedy completions (on rank 0, which holds the records)."""
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         prompts = [decode(ctx.examples[r["index"]].prompt_ids) for r in records]
-        total, per_reward = self.reward_functions(ctx.strategy.device).score(prompts, [r["response"] for r in records], [r["reference"] for r in records])
+        # The records keep text: the response is encoded again (closed by eos, as generated) for a reward model.
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        sequences = [ctx.examples[r["index"]].prompt_ids + self.tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+                     + eos for r in records]
+        total, per_reward = self.reward_functions(ctx.strategy.device).score(
+            prompts, [r["response"] for r in records], [r["reference"] for r in records], sequences)
         n = len(records)
         return {"eval_reward": sum(total) / n, **{f"eval_rewards/{k}/mean": sum(v) / n for k, v in per_reward.items()}}
 

@@ -229,7 +229,6 @@ def test_a_prompts_completions_do_not_depend_on_what_is_generated_beside_them(ti
     (["objective.reference=precomputed"], "cannot be computed ahead"),
     (["objective.reference=adapter"], "needs peft=lora"),
     (["data.packing=true"], "data.packing=true with objective=grpo"),
-    (["objective.rewards=[no_such_reward]"], "no_such_reward"),
     (["objective.label_smoothing=0.1"], "objective.label_smoothing applies to objective=dpo"),
     (["data=preference"], "holds chosen/rejected pairs"),
     (["data=text"], "needs data.format=instruction|chat"),
@@ -237,6 +236,13 @@ def test_a_prompts_completions_do_not_depend_on_what_is_generated_beside_them(ti
 def test_impossible_grpo_settings_are_refused_before_launch(overrides, message):
     with pytest.raises(ConfigError, match=message):
         grpo_config(*overrides)
+
+
+def test_an_unknown_reward_is_refused_before_launch():
+    from ftdist.objectives import check_objective
+
+    with pytest.raises(ConfigError, match="no_such_reward"):
+        check_objective(grpo_config("objective.rewards=[no_such_reward]"))
 
 
 def test_dpo_refuses_a_grpo_loss():
