@@ -119,6 +119,14 @@ class Objective(Protocol):
     # No-grad forwards over each micro-batch beyond the trained one (DPO's live reference): the
     # step's FLOPs (MFU) count them.
     reference_forwards: int
+    # Optional, for on-policy objectives (GRPO):
+    # - prepare_step(batches, step) -> batches: the step's collated items (prompts) turned into
+    #   what the loss trains on (rollouts), before the step's counts are taken; every rank calls it
+    #   with as many micro-batches.
+    # - updates_per_batch: optimizer steps per sampler batch (GRPO's iterations); default 1.
+    # - state_dict() -> dict | None and load_state_dict(state, step): per-rank state a checkpoint
+    #   keeps (rollouts a resume cannot regenerate).
+    # - check_config(cfg) (a static method): checks before launch that config.validate cannot make.
 
     def setup(self, ctx: TrainingContext) -> None:
         """Bind to the prepared model before the first step (and before a checkpoint loads)."""

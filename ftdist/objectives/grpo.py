@@ -163,6 +163,7 @@ class GRPOObjective:
         self.rewards: RewardFunctions | None = None
         self.rollout: tuple[int, list[RolloutBatch]] | None = None  # (first step it serves, its micro-batches)
         self.step_metrics: dict = {}
+        self.root_ran = False  # whether a forward has gone through the (sharded) root module
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -221,6 +222,12 @@ class GRPOObjective:
             self.reference_forwards = 0
             return self.rollout[1]
         t0 = time.perf_counter()
+        if self.strategy.shards_parameters and not self.root_ran:
+            # FSDP2 initialises its state from the first forward, which must be the root's: a
+            # PeftModel's generate enters below it (the first step of a resumed run generates first).
+            with torch.no_grad():
+                self.logits.bind(self.model)(self.padding_batch().to(self.strategy.device))
+            self.root_ran = True
         model = self.strategy.unwrap(self.model)
         completions = [self.generate(model, b, step // self.options.iterations) for b in batches]
         prompts = [i for b in batches for i in b.indices]
