@@ -118,6 +118,10 @@ class DataConfig:
     reasoning_tags: list[str] = field(default_factory=lambda: ["<think>", "</think>"])  # open, close
     system_prompt: str | None = None  # a system message for rows that have none (chat template only)
     train_on_prompt: bool = False
+    # Whether a row needs a response: required (SFT, evaluation) | optional (objective=grpo sets it:
+    # an instruction row without its response field, or a chat row not ending with an assistant
+    # message, becomes a prompt alone, to sample completions for).
+    responses: str = "required"
     on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported)
     num_synthetic_rows: int = 4000  # rows generated for synthetic:NAME sources
     # Pack several documents into each row of max_seq_len tokens (documents never attend to
@@ -444,6 +448,7 @@ CHOICES = {
     "data.template": ("auto", "chat", "plain"),
     "data.turns": ("auto", "whole", "per_turn", "last"),
     "data.on_bad_row": ("error", "skip"),
+    "data.responses": ("required", "optional"),
     "strategy.name": ("single", "ddp", "fsdp", "deepspeed"),
     "strategy.backend": ("auto", "gloo", "nccl"),
     "strategy.zero_stage": (1, 2, 3),
@@ -608,6 +613,9 @@ def validate_objective(cfg: FtdistConfig) -> None:
         users = "classification" if cfg.data.format == "classification" else "|".join(PAIR_OBJECTIVES)
         raise ConfigError(f"data.format={cfg.data.format} holds {FORMAT_WHAT[cfg.data.format]}: train them with "
                           f"objective={users}, not objective={name}")
+    if cfg.data.responses != "required" and name != "grpo":
+        raise ConfigError(f"data.responses={cfg.data.responses}: rows without a response are prompts to sample "
+                          f"completions for (objective=grpo); objective={name} needs every row's response")
     if name == "classification":
         validate_classification(cfg)
         return

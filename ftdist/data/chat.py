@@ -82,6 +82,12 @@ class ChatEncoder:
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         return encode_text(self.tok, text)
 
+    def prompt_alone(self, messages: list[dict], tools: list | None) -> Example:
+        """A conversation awaiting the assistant (data.responses=optional): the ids a reply is
+        generated from, nothing labelled, no reference."""
+        ids = self.tokenize(self.render(messages, tools, generation_prompt=True))[0]
+        return Example(ids, [IGNORE_INDEX] * len(ids), list(ids), None)
+
     def encode(self, messages: list[dict], tools: list | None) -> Encoded:
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistant:

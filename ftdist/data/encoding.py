@@ -236,10 +236,10 @@ def _encode_row(row: Row, encoder: RowEncoder, cfg: DataConfig, bad_examples: di
         return bad
     except DataError as e:
         raise DataError(f"{row.location}: {e}") from None
-    return encoded, [_truncate(e, cfg.max_seq_len) for e in encoded.examples]
+    return encoded, [_truncate(e, cfg.max_seq_len, cfg.responses == "optional") for e in encoded.examples]
 
 
-def _truncate(example: Example | Pair, max_len: int):
+def _truncate(example: Example | Pair, max_len: int, prompts_alone: bool = False):
     """Keep the head; an example left with nothing to learn is dropped (and counted). A pair's
     two sequences are cut apart, each to max_len."""
     if isinstance(example, Pair):
@@ -253,7 +253,9 @@ def _truncate(example: Example | Pair, max_len: int):
     if truncated:
         example = Example(example.input_ids[:max_len], example.labels[:max_len], example.prompt_ids, example.reference)
     # labels[0] is never a target (the trainer predicts position t+1 from t), so it does not count.
-    if all(label == IGNORE_INDEX for label in example.labels[1:]):
+    # A prompt alone (data.responses=optional: prompt ids, no reference) has none by design.
+    prompt_alone = prompts_alone and example.prompt_ids is not None and example.reference is None
+    if not prompt_alone and all(label == IGNORE_INDEX for label in example.labels[1:]):
         return _Dropped
     return (example, truncated)
 

@@ -103,10 +103,12 @@ class RowEncoder:
 
     def instruction(self, row: dict) -> Encoded:
         prompt = _text_field(row, self.fields.prompt)
-        response = _text_field(row, self.fields.response)
         context = _optional_text_field(row, self.fields.input)
         if context:
             prompt = f"{prompt}\n\n{context}"
+        if self.cfg.responses == "optional" and row.get(self.fields.response) is None:
+            return Encoded([self.prompt_alone(prompt)])
+        response = _text_field(row, self.fields.response)
         if self.chat:
             messages, _ = conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                                        None, self.fields.prompt, self.cfg.system_prompt)
@@ -118,10 +120,22 @@ class RowEncoder:
         prompt_labels = list(prompt_ids) if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
         return Encoded([Example(prompt_ids + response_ids, prompt_labels + response_ids, prompt_ids, response)])
 
+    def prompt_alone(self, prompt: str) -> Example:
+        """An instruction row without a response (data.responses=optional): its prompt, as a
+        response would follow it, with nothing labelled and no reference."""
+        if self.chat:
+            messages, _ = conversation([{"role": "user", "content": prompt}], None, self.fields.prompt,
+                                       self.cfg.system_prompt)
+            return self.chat.prompt_alone(messages, None)
+        prompt_ids = self.bos + self.ids(PLAIN_PROMPT.format(prompt=prompt))
+        return Example(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), prompt_ids, None)
+
     def chat_row(self, row: dict) -> Encoded:
         tools = row.get(self.fields.tools) if self.fields.tools else None
         messages, tools = conversation(row_field(row, self.fields.messages), tools, self.fields.messages,
                                        self.cfg.system_prompt)
+        if self.cfg.responses == "optional" and messages and messages[-1]["role"] != "assistant":
+            return Encoded([self.chat.prompt_alone(messages, tools)])
         return self.chat.encode(messages, tools)
 
 

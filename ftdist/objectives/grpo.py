@@ -19,6 +19,7 @@ policy that sampled it are kept ("old"), and later steps weight each token by it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from ftdist.config import ConfigError
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Example
 from ftdist.data.loader import Batch, collate
+from ftdist.data.prepare import prepare_data
 from ftdist.eval.generation import generation_metrics
 from ftdist.model.lm_head import shifted_targets
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
@@ -196,7 +198,9 @@ class GRPOObjective:
     # --- data -----------------------------------------------------------------------------
 
     def prepare_data(self, tokenizer):
-        return self.sft.prepare_data(tokenizer)
+        """The run's rows as SFT reads them, but a row may be a prompt alone (data.responses=optional)."""
+        data = dataclasses.replace(self.cfg.data, responses="optional")
+        return prepare_data(data, tokenizer, self.cfg.seed)
 
     def make_items(self, examples: list[Example]) -> list[list[int]]:
         """One prompt per item: examples that have one (a chat row's earlier turns split per turn do not)."""

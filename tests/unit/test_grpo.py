@@ -248,3 +248,44 @@ def test_an_unknown_reward_is_refused_before_launch():
 def test_dpo_refuses_a_grpo_loss():
     with pytest.raises(ConfigError, match="is a grpo loss"):
         load_config(compose(["+experiment=tiny_dpo_cpu", "objective.loss_type=dapo", "output_dir=/tmp/unused"]))
+
+
+# --- prompts without responses -------------------------------------------------------------------
+
+
+def test_rows_without_a_response_are_prompts_to_sample_for(tmp_path, tiny_tokenizer):
+    import json
+
+    rows = [{"prompt": "Capital of Peru?", "response": "Lima."}, {"prompt": "Capital of Chile?"},
+            {"prompt": "Two plus two?", "response": None}]
+    chat = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                          {"role": "user", "content": "Capital of Peru?"}]},
+            {"messages": [{"role": "user", "content": "Capital of Chile?"}, {"role": "assistant", "content": "Santiago."}]}]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    for path, fmt, alone in ((tmp_path / "i.jsonl", "instruction", [1, 2]), (tmp_path / "c.jsonl", "chat", [0])):
+        cfg = grpo_config(f"data.path={path}", f"data.format={fmt}", "data.val_fraction=0", "data.cache=false")
+        objective = GRPOObjective(cfg, tiny_tokenizer)
+        train, _, _ = objective.prepare_data(tiny_tokenizer)
+        assert len(train) == len(rows if fmt == "instruction" else chat)  # none dropped
+        assert len(objective.make_items(train)) == len(train)
+        for i, e in enumerate(train):
+            assert e.prompt_ids is not None
+            if i in alone:  # the prompt as a response would follow it; nothing labelled, no reference
+                assert e.reference is None and e.input_ids == e.prompt_ids
+                assert set(e.labels) == {-100}
+                text = tiny_tokenizer.decode(e.prompt_ids)
+                assert "Capital" in text or "Two plus" in text
+            else:
+                assert e.reference is not None
+    # SFT still needs every response: the same file fails there, naming the row.
+    from ftdist.data.sources import DataError
+
+    with pytest.raises((DataError, ConfigError)):
+        from ftdist.data.prepare import prepare_data
+
+        sft = load_config(compose(["+experiment=tiny_cpu", f"data.path={tmp_path / 'i.jsonl'}", "data.val_fraction=0",
+                                   "data.cache=false", "output_dir=/tmp/unused"]))
+        prepare_data(sft.data, tiny_tokenizer, 0)
+    with pytest.raises(ConfigError, match="data.responses=optional"):
+        load_config(compose(["+experiment=tiny_cpu", "data.responses=optional", "output_dir=/tmp/unused"]))
