@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -88,6 +89,17 @@ def load_scorer(model_dir: Path, args) -> Scorer:
     kind = getattr(model.config, "ftdist_objective", None) or ("reward" if model.config.num_labels == 1 else "classification")
     encode = _row_encoder(kind, tokenizer, run_cfg, args)
     return Scorer(model, tokenizer, encode, kind == "reward", device)
+
+
+def load_reward_model(path: Path, device: torch.device):
+    """ftdist.score's Scorer for a reward model (not a classifier), on `device`, in eval mode."""
+    # The fields load_scorer reads: rows are {"prompt": ..., "response": ...}, as `python -m ftdist.score` takes.
+    args = SimpleNamespace(device=device, text_field="text", prompt_field="prompt", response_field="response")
+    scorer = load_scorer(path, args)
+    if not scorer.reward:
+        raise ConfigError(f"{path}: a classifier (labels {', '.join(scorer.labels)}), not a reward model (train one "
+                          "with objective=reward)")
+    return scorer
 
 
 def check_classifier(source: Path) -> None:

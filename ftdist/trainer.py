@@ -40,6 +40,7 @@ from ftdist.objectives.base import EvalContext, MicroBatch, Objective, TrainingC
 from ftdist.optim import build_optimizer, lr_multiplier
 from ftdist.parallel.base import Strategy
 from ftdist.resilience import PREEMPTED_MARKER, NonFiniteError, Preempted, PreemptionFlag, injected_fault
+from ftdist.score import load_reward_model
 from ftdist.tracking import MetricsWriter, WandbTracker
 
 log = logging.getLogger("ftdist")
@@ -120,6 +121,7 @@ class Trainer:
         self.objective.setup(TrainingContext(
             model=self.model, strategy=strategy, logits=self.logits, reference_model=reference_model, bf16=self.bf16,
             train_examples=train_examples, val_examples=val_examples, run_dir=run_dir,
+            load_reward_model=load_reward_model,
         ))
         self.metrics = MetricsWriter(run_dir, enabled=strategy.is_main, tracker=tracker)
         self.step = 0
@@ -266,6 +268,7 @@ class Trainer:
             step=self.step,
             run_dir=self.run_dir,
             cfg=self.cfg,
+            load_reward_model=load_reward_model,
         )
         record = {"step": self.step, **self.objective.evaluate(ctx, with_generation)}
         model.train(was_training)

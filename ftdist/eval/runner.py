@@ -21,6 +21,7 @@ import torch
 from ftdist.config import ConfigError, FtdistConfig, PeftConfig
 from ftdist.eval.generation import write_jsonl
 from ftdist.objectives.base import EvalContext, TrainingContext
+from ftdist.score import load_reward_model
 
 log = logging.getLogger("ftdist")
 
@@ -152,7 +153,7 @@ def evaluate_model(role: str, cfg: FtdistConfig, strategy, data: EvalData, sourc
         ctx = EvalContext(model=module, forward=forward.bind(module), strategy=strategy,
                           tokenizer=data.tokenizer, examples=data.val_examples, items=data.val_items,
                           batch_size=cfg.train.eval_batch_size, step=0, run_dir=eval_dir.parent, cfg=cfg,
-                          record_tag=role)
+                          record_tag=role, load_reward_model=load_reward_model)
         metrics = data.objective.evaluate(ctx, with_generation=True) if data.val_examples else {}
     out = {"path": str(source) if source else model_path_of(cfg), "metrics": metrics}
     if data.reference_text is not None:
@@ -174,6 +175,7 @@ def setup_objective(data: EvalData, cfg, strategy, model, forward, bf16: bool, e
     data.objective.setup(TrainingContext(
         model=model, strategy=strategy, logits=forward, reference_model=reference, bf16=bf16,
         train_examples=data.train_examples, val_examples=data.val_examples, run_dir=eval_dir.parent,
+        load_reward_model=load_reward_model,
     ))
 
 

@@ -77,6 +77,9 @@ class EvalContext:
     # None during training: per-example records go to run_dir/eval/KIND_step_N.jsonl; ftdist.eval
     # names the model instead (eval/KIND_base.jsonl, eval/KIND_tuned.jsonl).
     record_tag: str | None = None
+    # (path, device) -> a loaded reward model (ftdist.score.load_reward_model), for an objective
+    # that scores with one (GRPO's reward_model:PATH); passed in, as ftdist.score imports the objectives.
+    load_reward_model: Callable | None = None
 
     def record_path(self, kind: str) -> Path:
         """Where this pass writes its per-example records of `kind` (generations, predictions)."""
@@ -98,6 +101,7 @@ class TrainingContext:
     train_examples: list
     val_examples: list
     run_dir: Path
+    load_reward_model: Callable | None = None  # as EvalContext.load_reward_model
 
 
 class Objective(Protocol):

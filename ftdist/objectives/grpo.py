@@ -166,6 +166,7 @@ class GRPOObjective:
         self.rollout: tuple[int, list[RolloutBatch]] | None = None  # (first step it serves, its micro-batches)
         self.step_metrics: dict = {}
         self.root_ran = False  # whether a forward has gone through the (sharded) root module
+        self.load_reward_model = None  # from the TrainingContext (ftdist.score.load_reward_model)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -175,6 +176,7 @@ class GRPOObjective:
     def setup(self, ctx: TrainingContext) -> None:
         self.model, self.strategy, self.logits = ctx.model, ctx.strategy, ctx.logits
         self.train_examples = ctx.train_examples
+        self.load_reward_model = ctx.load_reward_model
         # As TRL: with dropout the trained forward would not be the policy that sampled.
         disable_dropout(ctx.strategy.unwrap(ctx.model))
         policy = ctx.logits.bind(ctx.model).token_logps
@@ -189,10 +191,10 @@ class GRPOObjective:
             peft_model = ctx.strategy.unwrap(ctx.model)
             self.reference_logps = lambda rows: without_adapters(peft_model, lambda b: policy(b, t), rows)
 
-    def reward_functions(self, device: torch.device) -> RewardFunctions:
+    def reward_functions(self, device: torch.device, load_reward_model=None) -> RewardFunctions:
         if self.rewards is None:  # a reward model loads once, on first use
             self.rewards = RewardFunctions(list(self.options.rewards), self.options.reward_weights, device,
-                                           self.tokenizer)
+                                           self.tokenizer, load_reward_model or self.load_reward_model)
         return self.rewards
 
     # --- data -----------------------------------------------------------------------------
@@ -397,7 +399,7 @@ class GRPOObjective:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         sequences = [ctx.examples[r["index"]].prompt_ids + self.tokenizer(r["response"], add_special_tokens=False)["input_ids"]
                      + eos for r in records]
-        total, per_reward = self.reward_functions(ctx.strategy.device).score(
+        total, per_reward = self.reward_functions(ctx.strategy.device, ctx.load_reward_model).score(
             prompts, [r["response"] for r in records], [r["reference"] for r in records], sequences)
         n = len(records)
         return {"eval_reward": sum(total) / n, **{f"eval_rewards/{k}/mean": sum(v) / n for k, v in per_reward.items()}}

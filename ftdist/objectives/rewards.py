@@ -41,7 +41,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -157,7 +156,11 @@ def _import_callable(i: int, spec: str) -> Callable:
 class RewardFunctions:
     """The configured rewards, ready to score a step's completions."""
 
-    def __init__(self, specs: list[str], weights: list[float] | None, device: torch.device, tokenizer=None):
+    def __init__(self, specs: list[str], weights: list[float] | None, device: torch.device, tokenizer=None,
+                 load_reward_model=None):
+        """tokenizer: the policy's; load_reward_model: (path, device) -> Scorer, for reward_model:
+        specs (ftdist.score.load_reward_model, passed in: the scorer's loading reads runs through
+        ftdist.export, which imports the objectives)."""
         specs = list(specs)
         check_reward_specs(specs)
         self.specs = specs
@@ -167,7 +170,7 @@ class RewardFunctions:
         self.functions: list[RewardFn] = [_build(i, spec, _parse(i, spec), device) for i, spec in enumerate(specs)]
         for fn in self.functions:
             if isinstance(fn, RewardModelReward):
-                fn.policy_tokenizer = tokenizer
+                fn.policy_tokenizer, fn.load = tokenizer, load_reward_model
 
     def score(self, prompts: list, completions: list[str], references: list[str | None],
               sequences: list[list[int]] | None = None) -> tuple[list[float], dict[str, list[float]]]:
@@ -273,13 +276,17 @@ class RewardModelReward:
     def __init__(self, path: Path, device: torch.device, label: str):
         self.path, self.device, self.label = path, device, label
         self.scorer = None
+        self.load = None  # set by RewardFunctions: (path, device) -> a Scorer (ftdist.score.load_reward_model)
         self.policy_tokenizer = None  # set by RewardFunctions: the policy's, to score its token ids as they are
         self.same_tokens = False
 
     def __call__(self, prompts: list, completions: list[str], references: list,
                  sequences: list[list[int]] | None = None) -> list[float]:
         if self.scorer is None:
-            self.scorer = load_reward_model(self.path, self.device)
+            if self.load is None:
+                raise RewardError(f"{self.label}: no reward-model loader was given (whoever runs the objective passes "
+                                  "ftdist.score.load_reward_model)")
+            self.scorer = self.load(self.path, self.device)
             self.same_tokens = same_rendering(self.scorer.tokenizer, self.policy_tokenizer)
         if sequences is not None and self.same_tokens:
             ids = [list(s) for s in sequences]
@@ -306,16 +313,3 @@ def same_rendering(reward_tokenizer, policy_tokenizer) -> bool:
         return False
     return (reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
             and getattr(reward_tokenizer, "chat_template", None) == getattr(policy_tokenizer, "chat_template", None))
-
-
-def load_reward_model(path: Path, device: torch.device):
-    """ftdist.score's Scorer for a reward model (not a classifier), on `device`, in eval mode."""
-    from ftdist.score import load_scorer
-
-    # The fields load_scorer reads: rows are {"prompt": ..., "response": ...}, as `python -m ftdist.score` takes.
-    args = SimpleNamespace(device=device, text_field="text", prompt_field="prompt", response_field="response")
-    scorer = load_scorer(path, args)
-    if not scorer.reward:
-        raise ConfigError(f"{path}: a classifier (labels {', '.join(scorer.labels)}), not a reward model (train one "
-                          "with objective=reward)")
-    return scorer

@@ -24,7 +24,9 @@ REPO = Path(CONF_DIR).parent
 # What a group option needs before it validates (files that leave a required key open).
 REQUIRED = {"data": ["data.path=x.jsonl"], "model/hf": ["model.name_or_path=some/model"],
             "data/preference": ["objective=dpo"], "data/classification": ["objective=classification"],
-            "objective/classification": ["data=classification"]}
+            "objective/classification": ["data=classification"], "objective/grpo": ["objective.rewards=[exact_match]"],
+            # The GRPO demo starts from the model its first command trains.
+            "experiment/tiny_grpo_cpu": ["model.name_or_path=some/model"]}
 # Preference objectives and reward models train on pairs only.
 REQUIRED.update({f"objective/{name}": ["data=preference"] for name in ("dpo", "simpo", "orpo", "reward")})
 # Experiments that leave data.path for the user (every shipped one but the embedded demo).

@@ -19,6 +19,7 @@ from helpers import shared_run
 
 from ftdist.config import ConfigError
 from ftdist.objectives.rewards import RewardError, RewardFunctions, check_reward_specs, reward_names
+from ftdist.score import load_reward_model
 
 CPU = torch.device("cpu")
 
@@ -249,7 +250,8 @@ def scores_alone(final_dir) -> list[float]:
 
 def test_reward_model_scores_as_ftdist_score_and_transformers_do(tmp_path_factory, tmp_path):
     run_dir = shared_run(tmp_path_factory, REWARD_RUN)
-    rewards = RewardFunctions([f"reward_model:{run_dir}", "json_valid"], [0.5, 2.0], CPU)
+    rewards = RewardFunctions([f"reward_model:{run_dir}", "json_valid"], [0.5, 2.0], CPU,
+                              load_reward_model=load_reward_model)
     assert rewards.functions[0].scorer is None  # loaded on the first score, not at construction
     totals, values = rewards.score(RM_PROMPTS, RM_COMPLETIONS, [None] * 20)
     scores = values["reward_model"]
@@ -258,6 +260,16 @@ def test_reward_model_scores_as_ftdist_score_and_transformers_do(tmp_path_factor
     assert scores == pytest.approx(scores_alone(run_dir / "final"), abs=1e-5)
     assert not rewards.functions[0].scorer.model.training
     assert totals == pytest.approx([0.5 * s + 2.0 * float(k % 3 != 0) for k, s in enumerate(scores)])
+    # With the policy's own tokenizer, the policy's token ids are scored as they are: the same
+    # scores as the rendered texts where the ids are that rendering.
+    tokenizer = rewards.functions[0].scorer.tokenizer
+    same = RewardFunctions([f"reward_model:{run_dir}"], None, CPU, tokenizer, load_reward_model)
+    sequences = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+                                                         tokenize=False), add_special_tokens=False)["input_ids"]
+                 for p, c in zip(RM_PROMPTS, RM_COMPLETIONS)]
+    _, by_ids = same.score(["unused"] * 20, ["unused"] * 20, [None] * 20, sequences)
+    assert same.functions[0].same_tokens
+    assert by_ids["reward_model"] == pytest.approx(scores, abs=1e-5)
     with pytest.raises(RewardError, match=re.escape(f"objective.rewards[0]=reward_model:{run_dir}: completion 1 cannot be "
                                                     "scored as a reward model's input (empty_response: ")):
         rewards.score(["p", "p"], ["fine", "  "], [None, None])
@@ -274,7 +286,7 @@ def test_a_language_model_or_a_classifier_is_not_a_reward_model(tmp_path, tiny_m
     tiny_tokenizer.save_pretrained(classifier)
     for path, problem in ((tiny_model_dir, "a LlamaForCausalLM without a scoring head"),
                           (classifier, "a classifier (labels yes, no), not a reward model")):
-        rewards = RewardFunctions([f"reward_model:{path}"], None, CPU)
+        rewards = RewardFunctions([f"reward_model:{path}"], None, CPU, load_reward_model=load_reward_model)
         with pytest.raises(RewardError, match=re.escape(f"objective.rewards[0]=reward_model:{path} raised ConfigError: "
                                                         f"{path}")) as caught:
             rewards.score(["p"], ["c"], [None])

@@ -18,7 +18,7 @@ def config(overrides: list[str]):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["objective.beta=0.2", "data.path=x.jsonl", "output_dir=/tmp/x"], "objective.beta applies to objective=dpo|simpo|orpo, not objective=sft"),
     ([*PAIRS, "objective=dpo", "objective.gamma=1.0"], "objective.gamma applies to objective=simpo, not objective=dpo"),
-    ([*PAIRS, "objective=orpo", "objective.loss_type=ipo"], "objective.loss_type applies to objective=dpo, not objective=orpo"),
+    ([*PAIRS, "objective=orpo", "objective.loss_type=ipo"], "objective.loss_type applies to objective=dpo|grpo, not objective=orpo"),
     ([*PAIRS, "objective=simpo", "objective.reference=model"], "objective.reference applies to objective=dpo"),
     (["objective=dpo", "data.path=x.jsonl", "output_dir=/tmp/x"], "objective=dpo trains on chosen/rejected pairs: it needs data.format=preference"),
     ([*PAIRS], "data.format=preference holds chosen/rejected pairs: train them with objective=dpo\\|simpo\\|orpo\\|reward"),
