@@ -4,6 +4,11 @@
 fine-tuning is most often used for. Sentences come from several templates with the fields in
 different orders, so the model has to find each field rather than copy by position.
 
+`json_teacher`: the same prompts answered by a careless teacher that writes the age as a string in
+60% of its records: supervised fine-tuning on it leaves a model that copies every field but
+quotes the age, the starting point of the policy-optimization demo (GRPO with an exact-match
+reward against the true records).
+
 `json_preference`: the same prompts as preference pairs (data.format=preference): the correct
 record chosen, the record with one field wrong rejected.
 
@@ -210,7 +215,22 @@ def support_ticket_row(rng: random.Random) -> dict:
     return {"text": " ".join(body), "label": label}
 
 
-TASKS = {"json_extraction": json_extraction_row, "json_preference": json_preference_row,
+TEACHER_QUOTES_AGE = 0.6
+
+
+def json_teacher_row(rng: random.Random) -> dict:
+    """A json_extraction row as a careless teacher answers it: TEACHER_QUOTES_AGE of its records
+    write the age as a string ("age": "34"). A model fine-tuned on its answers copies every field
+    but quotes the age more often than not, while the right record stays likely: the part-way
+    model that policy optimization, rewarded by exact match against the true records, corrects."""
+    row = json_extraction_row(rng)
+    if rng.random() < TEACHER_QUOTES_AGE:
+        person = json.loads(row["response"])
+        row["response"] = json.dumps({**person, "age": str(person["age"])})
+    return row
+
+
+TASKS = {"json_extraction": json_extraction_row, "json_teacher": json_teacher_row, "json_preference": json_preference_row,
          "support_tickets": support_ticket_row}
 
 
