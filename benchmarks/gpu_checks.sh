@@ -158,8 +158,8 @@ fi
 if [[ ${ONLY:-} == grpo ]]; then
 step "grpo: the CPU demo's two commands on the GPU (SFT part-way, then GRPO with exact_match)"
 rm -rf /tmp/grpo-sft /tmp/grpo-demo
-timeout -k 5 "$(budget 200 300)" python3 -m ftdist.train +experiment=tiny_cpu train.max_steps=850 \
-    train.progress_bar=false output_dir=/tmp/grpo-sft 2>&1 | tail -3
+timeout -k 5 "$(budget 200 300)" python3 -m ftdist.train +experiment=tiny_cpu data.path=synthetic:json_teacher \
+    train.max_steps=1000 train.progress_bar=false output_dir=/tmp/grpo-sft 2>&1 | tail -3
 timeout -k 5 "$(budget 250 40)" python3 -m ftdist.train +experiment=tiny_grpo_cpu model.name_or_path=/tmp/grpo-sft/final \
     train.progress_bar=false output_dir=/tmp/grpo-demo 2>&1 | tail -3
 cp /tmp/grpo-demo/metrics.jsonl "$OUT/grpo_metrics.jsonl" 2>/dev/null

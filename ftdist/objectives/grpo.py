@@ -37,7 +37,7 @@ from ftdist.model.lm_head import shifted_targets
 from ftdist.objectives.base import EvalContext, Forward, ObjectiveLoss, TrainingContext, loss_pass
 from ftdist.objectives.preference import disable_dropout
 from ftdist.objectives.reference import reference_mode, without_adapters
-from ftdist.objectives.rewards import RewardFunctions, check_reward_specs, reward_names
+from ftdist.objectives.rewards import RewardFunctions, check_reward_specs
 from ftdist.objectives.rollout import Sampling, sample_completions
 from ftdist.objectives.sft import SFTObjective, describe_generation
 
@@ -157,7 +157,6 @@ class GRPOObjective:
         # Held-out evaluation is SFT's (NLL of the reference responses, generation metrics) plus rewards.
         self.sft = SFTObjective(cfg, tokenizer)
         self.task_metric, self.summary_extra_metrics = self.sft.task_metric, self.sft.summary_extra_metrics
-        self.reward_names = reward_names(list(o.rewards))
         self.reference_mode = reference_mode(cfg) if o.beta > 0 else None
         self.loads_reference_model = self.reference_mode == "model"
         self.updates_per_batch = o.iterations  # the trainer's optimizer steps per sampler batch
@@ -205,8 +204,13 @@ class GRPOObjective:
         return prepare_data(data, tokenizer, self.cfg.seed)
 
     def make_items(self, examples: list[Example]) -> list[list[int]]:
-        """One prompt per item: examples that have one (a chat row's earlier turns split per turn do not)."""
-        return [[i] for i, e in enumerate(examples) if e.prompt_ids is not None]
+        """One prompt per item: examples that have one (a chat row's earlier turns split per turn
+        do not: they are counted in the data report's turn_examples, and said here)."""
+        items = [[i] for i, e in enumerate(examples) if e.prompt_ids is not None]
+        if len(items) < len(examples):
+            log.info("grpo: %d of %d examples are earlier turns of conversations (no prompt to sample for); "
+                     "set data.turns=last or whole to make every row one prompt", len(examples) - len(items), len(examples))
+        return items
 
     def item_length(self, examples: list[Example], item: list[int]) -> int:
         return self.sft.item_length(examples, item)
@@ -226,6 +230,7 @@ class GRPOObjective:
         first = step - step % self.options.iterations
         if self.rollout is not None and self.rollout[0] == first:
             self.reference_forwards = 0
+            self.step_metrics["rollout_s"] = 0.0  # nothing generated: the metrics are the reused batch's
             return self.rollout[1]
         t0 = time.perf_counter()
         if self.strategy.shards_parameters and not self.root_ran:
