@@ -41,8 +41,8 @@ def compose_dry_run(overrides: list[str]) -> FtdistConfig:
 
 
 @functools.cache
-def sized(experiment: str) -> dict:
-    return dry_run(compose_dry_run([f"+experiment={experiment}"]), world_size=WORLD)
+def sized(experiment: str, *overrides: str) -> dict:
+    return dry_run(compose_dry_run([f"+experiment={experiment}", *overrides]), world_size=WORLD)
 
 
 def linear_shapes(arch: str) -> list[tuple[int, int]]:
@@ -70,8 +70,9 @@ def test_published_parameter_counts():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_sizes_on_meta(experiment):
-    out = sized(experiment)
+def test_every_experiment_sizes_on_meta(experiment, tiny_model_dir):
+    # The GRPO demo starts from the model its first command trains: here, the tiny model.
+    out = sized(experiment, *([f"model.name_or_path={tiny_model_dir}"] if experiment == "tiny_grpo_cpu" else []))
     assert out["total_params"] > 0 and 0 < out["trainable_params"] <= out["total_params"]
     assert format_count(out["total_params"]) in out["report"]
     mem = out["memory_gib"]
