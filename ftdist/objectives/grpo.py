@@ -30,7 +30,7 @@ import torch
 from ftdist.config import ConfigError
 from ftdist.constants import IGNORE_INDEX
 from ftdist.data.example import Example
-from ftdist.data.loader import Batch, collate
+from ftdist.data.loader import Batch, collate, to_device
 from ftdist.data.prepare import prepare_data
 from ftdist.eval.generation import generation_metrics
 from ftdist.model.lm_head import shifted_targets
@@ -86,9 +86,8 @@ class RolloutBatch:
         return self.rows.document_lengths
 
     def to(self, device: torch.device) -> RolloutBatch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(self, rows=self.rows.to(device), advantages=move(self.advantages),
-                       old_logps=move(self.old_logps), ref_logps=move(self.ref_logps))
+        return replace(self, rows=self.rows.to(device), advantages=to_device(self.advantages, device),
+                       old_logps=to_device(self.old_logps, device), ref_logps=to_device(self.ref_logps, device))
 
 
 def completion_mask(rows: Batch) -> torch.Tensor:
@@ -265,15 +264,21 @@ class GRPOObjective:
 
     def score(self, prompts: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, dict[str, list[float]]]:
         """Each completion's weighted reward (and each reward function's values), in order."""
-        g = self.options.group_size
-        examples = self.train_examples
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        texts = [decode(examples[i].prompt_ids) for i in prompts for _ in range(g)]
-        references = [examples[i].reference for i in prompts for _ in range(g)]
-        sequences = [examples[i].prompt_ids + c for i, c in zip((i for i in prompts for _ in range(g)), completions)]
-        total, per_reward = self.reward_functions(self.strategy.device).score(
-            texts, [decode(c) for c in completions], references, sequences)
+        owners = [i for i in prompts for _ in range(self.options.group_size)]
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        total, per_reward = self.reward_values(self.train_examples, owners, completions, texts, self.strategy.device)
         return torch.tensor(total, dtype=torch.float64), per_reward
+
+    def reward_values(self, examples: list[Example], owners: list[int], completions: list[list[int]], texts: list[str],
+                      device: torch.device, load_reward_model=None) -> tuple[list[float], dict[str, list[float]]]:
+        """The rewards of completions (token ids, and their text): completions[k] answers the
+        prompt of examples[owners[k]], whose reference it is compared with. Reward functions get
+        each prompt decoded (special tokens dropped); a reward model with the policy's tokenizer
+        gets the prompt and completion ids as they are."""
+        prompts = {i: self.tokenizer.decode(examples[i].prompt_ids, skip_special_tokens=True) for i in set(owners)}
+        sequences = [examples[i].prompt_ids + c for i, c in zip(owners, completions, strict=True)]
+        return self.reward_functions(device, load_reward_model).score(
+            [prompts[i] for i in owners], texts, [examples[i].reference for i in owners], sequences)
 
     def advantages(self, rewards: torch.Tensor, per_reward: dict[str, list[float]], completions) -> torch.Tensor:
         """Advantages of this rank's completions; the step's rollout metrics, over all ranks."""
@@ -398,14 +403,12 @@ class GRPOObjective:
 
     def heldout_rewards(self, ctx: EvalContext, records: list[dict]) -> dict:
         """eval_reward and eval_rewards/<name>/mean of the greedy completions (on rank 0, which holds the records)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        prompts = [decode(ctx.examples[r["index"]].prompt_ids) for r in records]
-        # The records keep text: the response is encoded again (closed by eos, as generated) for a reward model.
+        # The records keep text: each response is encoded again, closed by eos as it was generated.
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        sequences = [ctx.examples[r["index"]].prompt_ids + self.tokenizer(r["response"], add_special_tokens=False)["input_ids"]
-                     + eos for r in records]
-        total, per_reward = self.reward_functions(ctx.strategy.device, ctx.load_reward_model).score(
-            prompts, [r["response"] for r in records], [r["reference"] for r in records], sequences)
+        ids = [self.tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos for r in records]
+        total, per_reward = self.reward_values(ctx.examples, [r["index"] for r in records], ids,
+                                               [r["response"] for r in records], ctx.strategy.device,
+                                               ctx.load_reward_model)
         n = len(records)
         return {"eval_reward": sum(total) / n, **{f"eval_rewards/{k}/mean": sum(v) / n for k, v in per_reward.items()}}
 

@@ -18,8 +18,10 @@ under a short name (`reward_names`: rewards/<name>/mean).
     pkg.module.fn      (or pkg.module:fn) fn(prompts, completions, references) -> one real
                        number per completion; a reference is None where the row has none
 
-Prompts are the rows' prompts as the data gives them (text or messages), not rendered: a reward
-model renders them with its own training's template.
+Prompts reach reward functions as the policy saw them, rendered by its template and decoded with
+special tokens dropped. A reward model whose tokenizer and chat template are the policy's scores
+the policy's token ids (prompt and completion) as they are; another renders the decoded texts
+as its training rendered a pair's sequence.
 
 Checks. At config time (`check_reward_specs`, cheap: nothing is loaded): a known spec, a
 non-empty valid regex, an existing reward-model directory, an importable callable, no spec
@@ -27,7 +29,8 @@ listed twice: ConfigError naming objective.rewards[i]. At each score: every func
 return a sequence (or 1-D tensor/array) of exactly one finite real number per completion (bools
 count as 0/1); a function that raises or returns anything else stops training with RewardError
 naming the reward, as do exact_match and numeric_answer on a row without a reference, and a
-reward model given a completion it cannot score (an empty one: ftdist.score refuses it too). A
+reward model that must render a completion it cannot encode (an empty one: ftdist.score refuses
+it too; token ids are scored whatever they hold). A
 reward that is silently wrong (NaN, a shifted list) would corrupt every advantage of its group.
 """
 
